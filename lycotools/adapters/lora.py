@@ -1,0 +1,103 @@
+"""LoRA / LoCon (lycoris.md §2.1), Tucker ``lora_mid``, DyLoRA's 2-D conv up, and the extractor's
+sparse residual (``bias_indices``/``bias_values``/``bias_size``, §2.12).
+
+    ΔW = scale · (up @ down + sparse)            plain (factors flattened to matrices)
+    ΔW[o,c,h,w] = scale · Σ_ab up[o,a] mid[a,b,h,w] down[b,c]   Tucker
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import alpha_tensor, f32, flat, need, reshape_to
+
+ALGO = "lora"
+SUFFIXES = (
+    "lora_up.weight",
+    "lora_down.weight",
+    "lora_mid.weight",
+    "alpha",
+    "dora_scale",
+    "bias_indices",
+    "bias_values",
+    "bias_size",
+)
+SPARSE = ("bias_indices", "bias_values", "bias_size")
+
+
+def detect(suffixes: set) -> bool:
+    return "lora_up.weight" in suffixes
+
+
+def rank(t) -> int:
+    return int(t["lora_down.weight"].shape[0])
+
+
+def validate(t, extra=None) -> None:
+    need(t, "lora_up.weight", "lora_down.weight")
+    up, down = t["lora_up.weight"], t["lora_down.weight"]
+    r = down.shape[0]
+    if up.dim() < 2 or up.shape[1] != r or any(s != 1 for s in up.shape[2:]):
+        raise ValueError(f"lora_up {tuple(up.shape)} does not match lora_down rank {r} {tuple(down.shape)}")
+    if "lora_mid.weight" in t:
+        mid = t["lora_mid.weight"]
+        if mid.dim() < 3 or mid.shape[:2] != (r, r) or any(s != 1 for s in down.shape[2:]):
+            raise ValueError(
+                f"Tucker lora_mid {tuple(mid.shape)} does not fit rank {r} (down {tuple(down.shape)})"
+            )
+    present = [s for s in SPARSE if s in t]
+    if present and len(present) != len(SPARSE):
+        raise ValueError(f"sparse residual needs all of {list(SPARSE)}, found {present}")
+
+
+def weight_shape_hint(t) -> tuple:
+    up, down = t["lora_up.weight"], t["lora_down.weight"]
+    if "lora_mid.weight" in t:
+        return (up.shape[0], down.shape[1], *t["lora_mid.weight"].shape[2:])
+    return (up.shape[0], *down.shape[1:])
+
+
+def _unsigned(idx: torch.Tensor) -> torch.Tensor:
+    """int16 indices past 32767 wrap negative on disk: read them as unsigned 16-bit."""
+    idx = idx.long()
+    return torch.where(idx < 0, idx + 65536, idx)
+
+
+def sparse_dense(t) -> torch.Tensor | None:
+    """The sparse residual as a dense (out, K) float32 matrix (duplicates summed); None if absent."""
+    if "bias_values" not in t:
+        return None
+    idx = _unsigned(t["bias_indices"])
+    rows, cols = (int(s) for s in _unsigned(t["bias_size"]).reshape(-1)[:2])
+    dense = torch.zeros(rows, cols, dtype=torch.float32)
+    dense.index_put_((idx[0], idx[1]), f32(t["bias_values"]).reshape(-1), accumulate=True)
+    return dense
+
+
+def delta(t, scale: float, weight_shape=None, base_weight=None) -> torch.Tensor:
+    up = flat(t["lora_up.weight"])
+    down = t["lora_down.weight"]
+    if "lora_mid.weight" in t:
+        d = _tucker_nd(up, f32(t["lora_mid.weight"]), flat(down))
+    else:
+        d = (up @ flat(down)).reshape(up.shape[0], *down.shape[1:])
+    sp = sparse_dense(t)
+    if sp is not None:
+        d = (d.reshape(sp.shape) + sp).reshape(d.shape)
+    return reshape_to(d * scale, weight_shape)
+
+
+def _tucker_nd(up, mid, down):
+    """Tucker rebuild for any kernel rank (Conv1d/Conv3d): contract mid's two rank axes."""
+    k = mid.shape[2:]
+    m = mid.reshape(mid.shape[0], mid.shape[1], -1)  # (a, b, K)
+    d = torch.einsum("oa,abk,bc->ock", up, m, down)
+    return d.reshape(up.shape[0], down.shape[1], *k)
+
+
+def to_tensors(up, down, alpha, mid=None) -> dict[str, torch.Tensor]:
+    out = {"lora_up.weight": up, "lora_down.weight": down}
+    if mid is not None:
+        out["lora_mid.weight"] = mid
+    out["alpha"] = alpha_tensor(alpha)
+    return out

@@ -1,0 +1,279 @@
+"""Atomic, streaming safetensors writer with the metadata users' tools read.
+
+* Atomic: bytes go to a hidden temp file beside the target, renamed over it only when complete;
+  an error or an interrupt leaves no partial output.
+* Streaming: each tensor is written to disk when added, so peak memory stays near one tensor.
+  The header (which must precede the data) is assembled at the end from a spool file, or written
+  first when the caller declares the tensors up front (``plan``), which avoids the extra copy.
+* Same bytes as ``safetensors.torch.save`` for the same tensors and metadata (same tensor order
+  and header layout), so ``sshs_model_hash`` / ``sshs_legacy_hash`` agree with kohya's and A1111's.
+* Refuses to overwrite an input, or an existing file unless ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import BadInput
+from .safetensors_format import dtype_name, header_bytes, serial_order
+
+HASH_PLACEHOLDER = "0x" + "0" * 64
+LEGACY_PLACEHOLDER = "0" * 8
+_LEGACY_START, _LEGACY_LEN = 0x100000, 0x10000
+
+
+def check_output(path, inputs=(), overwrite: bool = False) -> Path:
+    """Validate an output path before any work is done."""
+    path = Path(path)
+    for inp in inputs:
+        try:
+            if Path(inp).exists() and path.exists() and os.path.samefile(path, inp):
+                raise BadInput(path, "output would overwrite an input file; choose another output path")
+        except OSError:
+            pass
+        if Path(inp).resolve() == path.resolve():
+            raise BadInput(path, "output would overwrite an input file; choose another output path")
+    if path.exists() and not overwrite:
+        raise BadInput(path, "output already exists", hint="pass --overwrite to replace it")
+    if path.exists() and path.is_dir():
+        raise BadInput(path, "output is a folder; give a file name")
+    if not path.parent.exists():
+        raise BadInput(path, f"output folder {path.parent} does not exist")
+    return path
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().to("cpu").contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+class SafetensorsWriter:
+    """Write tensors one at a time; ``commit()`` publishes the file atomically.
+
+    Use as a context manager: a clean exit commits, an exception aborts and removes temp files.
+    ``metadata`` values must be strings. ``hashes=True`` adds ``sshs_model_hash`` and
+    ``sshs_legacy_hash`` computed on the tensors as saved (kohya's definition: the data section
+    of a file carrying only the ``ss_*`` metadata).
+    """
+
+    def __init__(self, path, metadata: dict | None = None, *, inputs=(), overwrite: bool = False,
+                 hashes: bool = True, plan: list[tuple[str, torch.dtype, tuple]] | None = None):
+        self.path = check_output(path, inputs, overwrite)
+        self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+        self.hashes = hashes
+        self._entries: dict[str, tuple[str, tuple, int, int]] = {}  # name -> (dtype, shape, spool offset, nbytes)
+        self._closed = False
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".lycotools-tmp", dir=self.path.parent)
+        self._tmp = Path(tmp)
+        self._fh = os.fdopen(fd, "w+b")
+        self._plan = None
+        if plan is not None:
+            self._start_planned(plan)
+
+    # ---- planned mode: header first, tensors must arrive in serial order -------------------------
+    def _start_planned(self, plan):
+        entries = serial_order([(n, dtype_name(d), tuple(int(s) for s in shp)) for n, d, shp in plan])
+        infos, off = [], 0
+        for n, dt, shp in entries:
+            nb = _nbytes(dt, shp)
+            infos.append((n, dt, shp, off, off + nb))
+            off += nb
+        self._plan = infos
+        self._plan_pos = 0
+        self._sha = hashlib.sha256()
+        self._legacy_window = self._legacy_offset(infos)
+        self._legacy_buf = bytearray()
+        meta = dict(self.metadata)
+        if self.hashes:
+            meta["sshs_model_hash"] = HASH_PLACEHOLDER
+            meta["sshs_legacy_hash"] = LEGACY_PLACEHOLDER
+        head = header_bytes(infos, meta)
+        self._fh.write(struct.pack("<Q", len(head)))
+        self._fh.write(head)
+        self._data_start = 8 + len(head)
+        self._written = 0
+
+    def _legacy_offset(self, infos) -> int:
+        """Data-section offset where kohya's legacy-hash window starts, in the ss-only serialization."""
+        ss_meta = {k: v for k, v in self.metadata.items() if k.startswith("ss_")}
+        head_len = 8 + len(header_bytes(infos, ss_meta or None))
+        return _LEGACY_START - head_len
+
+    def _feed_hash(self, data: memoryview, pos: int):
+        self._sha.update(data)
+        lo = max(self._legacy_window, pos)
+        hi = min(self._legacy_window + _LEGACY_LEN, pos + len(data))
+        if hi > lo:
+            self._legacy_buf += data[lo - pos:hi - pos]
+
+    # ---- adding tensors -------------------------------------------------------------------------
+    def add(self, name: str, tensor: torch.Tensor):
+        if self._closed:
+            raise RuntimeError("writer is closed")
+        data = _tensor_bytes(tensor)
+        dt = dtype_name(tensor.dtype)
+        shape = tuple(int(s) for s in tensor.shape)
+        if self._plan is not None:
+            n, pdt, pshape, begin, end = self._plan[self._plan_pos]
+            if (n, pdt, pshape) != (name, dt, shape):
+                raise RuntimeError(f"planned writer expected {n} {pdt}{list(pshape)}, got {name} {dt}{list(shape)}")
+            self._feed_hash(data, self._written)
+            self._fh.write(data)
+            self._written += len(data)
+            self._plan_pos += 1
+            return
+        if name in self._entries:
+            raise RuntimeError(f"tensor {name!r} added twice")
+        off = self._fh.tell()
+        self._fh.write(data)
+        self._entries[name] = (dt, shape, off, len(data))
+
+    def __contains__(self, name):
+        return name in self._entries
+
+    @property
+    def expected_order(self) -> list[str]:
+        """In planned mode, the names in the order ``add`` must be called."""
+        return [i[0] for i in self._plan] if self._plan is not None else []
+
+    # ---- finishing ------------------------------------------------------------------------------
+    def commit(self) -> Path:
+        if self._closed:
+            return self.path
+        try:
+            if self._plan is not None:
+                self._finish_planned()
+            else:
+                self._finish_spooled()
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+        return self.path
+
+    def _finish_planned(self):
+        if self._plan_pos != len(self._plan):
+            missing = self._plan[self._plan_pos][0]
+            raise RuntimeError(f"planned writer closed before tensor {missing!r} was written")
+        if self.hashes:
+            model_hash = "0x" + self._sha.hexdigest()
+            legacy = hashlib.sha256(bytes(self._legacy_buf)).hexdigest()[:8]
+            meta = dict(self.metadata, sshs_model_hash=model_hash, sshs_legacy_hash=legacy)
+            self.metadata = meta
+            head = header_bytes(self._plan, meta)
+            self._fh.seek(8)
+            self._fh.write(head)  # same length: the placeholders have the hashes' lengths
+
+    def _finish_spooled(self):
+        spool = self._fh
+        entries = serial_order([(n, e[0], e[1], e[2], e[3]) for n, e in self._entries.items()])
+        infos, off = [], 0
+        for n, dt, shp, _, nb in entries:
+            infos.append((n, dt, shp, off, off + nb))
+            off += nb
+        meta = dict(self.metadata)
+        if self.hashes:
+            sha = hashlib.sha256()
+            legacy_at = self._legacy_offset(infos)
+            legacy = bytearray()
+            pos = 0
+            for _, _, _, soff, nb in entries:
+                for chunk in _read_range(spool, soff, nb):
+                    sha.update(chunk)
+                    lo, hi = max(legacy_at, pos), min(legacy_at + _LEGACY_LEN, pos + len(chunk))
+                    if hi > lo:
+                        legacy += chunk[lo - pos:hi - pos]
+                    pos += len(chunk)
+            meta["sshs_model_hash"] = "0x" + sha.hexdigest()
+            meta["sshs_legacy_hash"] = hashlib.sha256(bytes(legacy)).hexdigest()[:8]
+        self.metadata = meta
+        head = header_bytes(infos, meta)
+        fd, final_tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".lycotools-tmp", dir=self.path.parent)
+        with os.fdopen(fd, "wb") as out:
+            out.write(struct.pack("<Q", len(head)))
+            out.write(head)
+            for _, _, _, soff, nb in entries:
+                for chunk in _read_range(spool, soff, nb):
+                    out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        spool.close()
+        os.unlink(self._tmp)
+        self._tmp = Path(final_tmp)
+        self._fh = open(self._tmp, "rb")
+
+    def abort(self):
+        self._closed = True
+        try:
+            self._fh.close()
+        except Exception:
+            pass
+        try:
+            self._tmp.unlink()
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+        return False
+
+
+def _nbytes(dt: str, shape) -> int:
+    from .safetensors_format import DTYPE_NAMES
+
+    n = torch.empty((), dtype=DTYPE_NAMES[dt]).element_size()
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _read_range(fh, offset: int, nbytes: int, chunk: int = 16 * 1024 * 1024):
+    fh.seek(offset)
+    left = nbytes
+    while left > 0:
+        buf = fh.read(min(chunk, left))
+        if not buf:
+            raise OSError("spool file ended early")
+        left -= len(buf)
+        yield buf
+
+
+def save_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict | None = None, **kw) -> Path:
+    """Write a whole dict (small outputs: adapters, embeddings) atomically with hashes."""
+    plan = [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
+    with SafetensorsWriter(path, metadata, plan=plan, **kw) as w:
+        for name, _, _ in serial_order([(k, dtype_name(t.dtype), None) for k, t in tensors.items()]):
+            w.add(name, tensors[name])
+    return w.path
+
+
+def copy_file_atomic(src, dst, **kw):
+    dst = check_output(dst, **kw)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".lycotools-tmp", dir=dst.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dst

@@ -1,0 +1,143 @@
+"""Which checkpoint weight each adapter module changes.
+
+A ``ModelIndex`` lists a model's modules (diffusers names, per component) with their weight
+shapes, the kohya flat form of every name (diffusers-named and ldm/sgm-named UNet modules both),
+and, where the model came from a single file, the single-file key of every weight. It is built
+from a real checkpoint (any layout) or from the template of a standard architecture, and
+``resolve`` maps an adapter ``ModuleId`` to a ``Target``, or to ``None``: the caller reports it.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+
+from . import checkpoint as ckpt
+from .adapter_keys import ModuleId, flatten_path
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+@dataclass(frozen=True)
+class Target:
+    component: str
+    module: str  # diffusers module path within the component
+    shape: tuple  # weight shape
+    has_bias: bool = False
+
+    @property
+    def weight_key(self) -> str:
+        return f"{self.component}.{self.module}.weight"
+
+
+@dataclass
+class ModelIndex:
+    arch: str
+    modules: dict[str, dict[str, tuple]] = field(default_factory=dict)  # comp -> module path -> weight shape
+    biases: dict[str, set] = field(default_factory=dict)  # comp -> module paths that have a bias
+    flat: dict[str, dict[str, str]] = field(default_factory=dict)  # comp -> flat name -> module path
+    ldm: dict[str, dict[str, str]] = field(default_factory=dict)  # comp -> ldm dotted module path -> module path
+    keymap: object = None  # CheckpointKeyMap when known
+
+    # ---- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_component_shapes(cls, arch: str, comp_shapes: dict[str, dict[str, tuple]], keymap=None) -> "ModelIndex":
+        idx = cls(arch=arch, keymap=keymap)
+        for comp, shapes in comp_shapes.items():
+            mods, flat, biases = {}, {}, set()
+            for key, shape in shapes.items():
+                if key.endswith(".weight"):
+                    path = key[: -len(".weight")]
+                    mods[path] = tuple(shape)
+                    flat[flatten_path(path)] = path
+                elif key.endswith(".bias"):
+                    biases.add(key[: -len(".bias")])
+            idx.modules[comp], idx.flat[comp], idx.biases[comp] = mods, flat, biases
+        if keymap is not None:
+            for m in keymap.mappings:
+                if m.component != "unet" or not m.diffusers_key.endswith(".weight"):
+                    continue
+                single = m.single_key
+                if single.startswith(ckpt.UNET_PREFIX):
+                    single = single[len(ckpt.UNET_PREFIX):]
+                ldm_path = single[: -len(".weight")]
+                dpath = m.diffusers_key[: -len(".weight")]
+                idx.ldm.setdefault("unet", {})[ldm_path] = dpath
+                idx.flat["unet"].setdefault(flatten_path(ldm_path), dpath)
+        return idx
+
+    @classmethod
+    def template(cls, arch: str) -> "ModelIndex":
+        return _template_index(arch)
+
+    @classmethod
+    def from_source(cls, source) -> "ModelIndex":
+        """Index a real checkpoint (single file or diffusers folder) from its keys and shapes."""
+        shapes = source.shapes()
+        info = ckpt.detect_checkpoint(shapes)
+        if info.layout == "diffusers":
+            comp_shapes = ckpt.split_diffusers_flat(shapes)
+            keymap = None
+            try:
+                keymap = ckpt.CheckpointKeyMap.for_diffusers(comp_shapes, info.arch)
+            except Exception:
+                keymap = None
+            return cls.from_component_shapes(info.arch, comp_shapes, keymap)
+        keymap = ckpt.CheckpointKeyMap.from_single_file(shapes, info.arch if info.arch != "unknown" else None)
+        comp_shapes: dict[str, dict[str, tuple]] = {}
+        for m in keymap.mappings:
+            t = torch.empty(shapes[m.single_key], device="meta")
+            comp_shapes.setdefault(m.component, {})[m.diffusers_key] = tuple(ckpt.single_to_diffusers_tensor(m, t).shape)
+        return cls.from_component_shapes(info.arch, comp_shapes, keymap)
+
+    # ---- resolution -----------------------------------------------------------------------------
+    def _components_for(self, mid: ModuleId) -> tuple[str, ...]:
+        present = tuple(self.modules)
+        if mid.component == "te":
+            order = TEXT_ENCODERS
+        elif mid.component == "any":
+            order = ("unet",) + TEXT_ENCODERS
+        else:
+            order = (mid.component,)
+        return tuple(c for c in order if c in present)
+
+    def resolve(self, mid: ModuleId) -> Target | None:
+        for comp in self._components_for(mid):
+            path = self._lookup(comp, mid)
+            if path is not None:
+                return Target(comp, path, self.modules[comp][path], path in self.biases.get(comp, ()))
+        return None
+
+    def _lookup(self, comp: str, mid: ModuleId) -> str | None:
+        te = comp in TEXT_ENCODERS
+        if mid.flat:
+            names = [mid.path]
+            if te and not mid.path.startswith(("text_model_", "text_projection")):
+                names.append("text_model_" + mid.path)  # transformers 5 trees drop the text_model level
+            for n in names:
+                if n in self.flat.get(comp, {}):
+                    return self.flat[comp][n]
+            return None
+        if mid.naming == "ldm":
+            return self.ldm.get(comp, {}).get(mid.path)
+        path = mid.path
+        if te:
+            path = ckpt.canonical_te_key(path)
+        if path in self.modules.get(comp, {}):
+            return path
+        return None
+
+    def single_key(self, target: Target):
+        """The single-file key mapping (with its transform) of a target's weight, when known."""
+        if self.keymap is None:
+            return None
+        return self.keymap.to_single(target.component, target.module + ".weight")
+
+
+@functools.lru_cache(maxsize=None)
+def _template_index(arch: str) -> ModelIndex:
+    comp_shapes = ckpt.template_shapes(arch)
+    keymap = ckpt.CheckpointKeyMap.for_diffusers(comp_shapes, arch)
+    return ModelIndex.from_component_shapes(arch, comp_shapes, keymap)

@@ -1,0 +1,162 @@
+"""The tensor layer's containers: lazy readers, the atomic streaming writer, hashes, bad input."""
+
+import hashlib
+import json
+import os
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save, save_file
+
+from lycotools.errors import BadInput
+from lycotools.io.readers import open_source
+from lycotools.io.writer import SafetensorsWriter, save_tensors
+
+
+def _tensors(n=6, size=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = {f"w{i}": torch.randn(size, size, generator=g).to(torch.float16 if i % 2 else torch.float32) for i in range(n)}
+    t["alpha"] = torch.tensor(4.0)
+    t["idx"] = torch.arange(5, dtype=torch.int64)
+    return t
+
+
+def _kohya_hashes(tensors, metadata):
+    """kohya's definition (kohya.md §0): serialize with only the ss_* metadata; hash the data section
+    (sshs_model_hash) and the 64 KiB at offset 1 MiB (sshs_legacy_hash)."""
+    b = save(tensors, metadata={k: v for k, v in metadata.items() if k.startswith("ss_")} or None)
+    n = struct.unpack("<Q", b[:8])[0]
+    return "0x" + hashlib.sha256(b[8 + n:]).hexdigest(), hashlib.sha256(b[0x100000:0x110000]).hexdigest()[:8]
+
+
+def _data_section(path):
+    b = open(path, "rb").read()
+    n = struct.unpack("<Q", b[:8])[0]
+    return json.loads(b[8:8 + n]), b[8 + n:]
+
+
+@pytest.mark.parametrize("mode", ["planned", "spooled"])
+def test_writer_matches_safetensors_and_kohya_hashes(tmp_path, mode):
+    t = _tensors()
+    meta = {"ss_network_dim": "4", "modelspec.title": "x"}
+    out = tmp_path / "a.safetensors"
+    if mode == "planned":
+        save_tensors(out, t, meta)
+    else:
+        with SafetensorsWriter(out, meta) as w:
+            for k in reversed(list(t)):  # arrival order must not matter
+                w.add(k, t[k])
+    src = open_source(out)
+    mh, lh = _kohya_hashes(t, meta)
+    assert src.metadata["sshs_model_hash"] == mh
+    assert src.metadata["sshs_legacy_hash"] == lh
+    assert src.metadata["ss_network_dim"] == "4"
+    # same tensor layout and data bytes as safetensors' own serializer
+    ref = tmp_path / "ref.safetensors"
+    save_file(t, str(ref), metadata=src.metadata)
+    h1, d1 = _data_section(out)
+    h2, d2 = _data_section(ref)
+    assert d1 == d2
+    h1.pop("__metadata__"), h2.pop("__metadata__")
+    assert h1 == h2
+    for k, v in t.items():
+        assert torch.equal(src.get(k), v)
+    assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "ref.safetensors"]  # no temp files left
+
+
+def test_writer_is_atomic_and_deterministic(tmp_path):
+    t = _tensors(n=2, size=10)
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(RuntimeError):
+        with SafetensorsWriter(out, {}) as w:
+            w.add("a", t["w0"])
+            raise RuntimeError("interrupted")
+    assert os.listdir(tmp_path) == []  # no partial output, no temp file
+    save_tensors(out, t, {"a": "b"})
+    first = out.read_bytes()
+    save_tensors(out, t, {"a": "b"}, overwrite=True)
+    assert out.read_bytes() == first
+
+
+def test_writer_refuses_existing_and_input(tmp_path):
+    out = tmp_path / "o.safetensors"
+    save_tensors(out, {"a": torch.ones(2)})
+    before = out.read_bytes()
+    with pytest.raises(BadInput, match="already exists"):
+        save_tensors(out, {"a": torch.zeros(2)})
+    with pytest.raises(BadInput, match="overwrite an input"):
+        save_tensors(out, {"a": torch.zeros(2)}, inputs=[out], overwrite=True)
+    assert out.read_bytes() == before
+
+
+def test_lazy_reader_reads_on_demand(tmp_path):
+    p = tmp_path / "m.safetensors"
+    save_file({"a": torch.ones(3, 4), "b": torch.zeros(2, dtype=torch.float16)}, str(p), metadata={"k": "v"})
+    src = open_source(p)
+    assert src.shape("a") == (3, 4) and src.dtype("b") == torch.float16
+    assert src._handle is None  # nothing opened before a tensor is asked for
+    assert torch.equal(src.get("a"), torch.ones(3, 4))
+    assert src.metadata == {"k": "v"}
+
+
+def test_sharded_and_pickles(tmp_path):
+    save_file({"a": torch.ones(2)}, str(tmp_path / "m-00001.safetensors"))
+    save_file({"b": torch.zeros(3)}, str(tmp_path / "m-00002.safetensors"))
+    idx = tmp_path / "m.safetensors.index.json"
+    idx.write_text(json.dumps({"metadata": {}, "weight_map": {"a": "m-00001.safetensors", "b": "m-00002.safetensors"}}))
+    src = open_source(idx)
+    assert sorted(src.keys()) == ["a", "b"] and torch.equal(src.get("b"), torch.zeros(3))
+    assert sorted(open_source(tmp_path).keys()) == ["a", "b"]  # the folder holding one index
+
+    sd = {"model.x.weight": torch.ones(2, 2)}
+    torch.save({"state_dict": sd, "global_step": 7}, tmp_path / "w.ckpt")
+    src = open_source(tmp_path / "w.ckpt")
+    assert src.keys() == ["model.x.weight"] and src.extras["global_step"] == 7
+    torch.save(sd, tmp_path / "plain.pt")
+    assert open_source(tmp_path / "plain.pt").keys() == ["model.x.weight"]
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo PWNED > " + str(_Evil.marker),))
+
+
+def test_pickle_with_code_is_refused_and_never_run(tmp_path):
+    _Evil.marker = tmp_path / "pwned"
+    torch.save({"x": _Evil()}, tmp_path / "evil.ckpt")  # saving runs nothing
+    assert not _Evil.marker.exists()
+    with pytest.raises(BadInput, match="refused"):
+        open_source(tmp_path / "evil.ckpt")
+    assert not _Evil.marker.exists()
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "empty"),
+        (b"hello", "too short"),
+        (b"this is plain text, not a model at all" * 3, "implausible|truncated"),
+        (struct.pack("<Q", 40) + b'{"a": 1', "truncated"),
+        (struct.pack("<Q", 8) + b"not json", "not valid JSON"),
+        (struct.pack("<Q", 64) + json.dumps({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode().ljust(64) + b"\0" * 8,
+         "more data than the file holds"),
+    ],
+)
+def test_bad_safetensors(tmp_path, content, message):
+    p = tmp_path / "bad.safetensors"
+    p.write_bytes(content)
+    with pytest.raises(BadInput, match=message) as e:
+        open_source(p)
+    assert str(p) in e.value.line()
+
+
+def test_missing_and_unknown(tmp_path):
+    with pytest.raises(BadInput, match="no such file"):
+        open_source(tmp_path / "nope.safetensors")
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(BadInput, match="unknown file type"):
+        open_source(tmp_path / "x.txt")
+    (tmp_path / "junk.ckpt").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(BadInput, match="not a readable torch pickle"):
+        open_source(tmp_path / "junk.ckpt")
