@@ -7,48 +7,14 @@ failures; ``--debug`` shows the traceback; progress and messages on stderr, ``--
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import sys
-import traceback
 
 import click
 
 from . import __version__
 from .batch import exit_status, expand_inputs, run_items
-from .errors import LycoError
-
-
-def _err(line: str):
-    click.echo(f"lycotools: error: {line}", err=True)
-
-
-def common(f):
-    """Options every command has, and the one place errors turn into lines and exit statuses."""
-
-    @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
-    @click.option("-q", "--quiet", is_flag=True, help="No progress bars or messages.")
-    @functools.wraps(f)
-    def wrapper(*args, debug=False, quiet=False, **kwargs):
-        try:
-            code = f(*args, debug=debug, quiet=quiet, **kwargs)
-        except LycoError as e:
-            if debug:
-                traceback.print_exc()
-            _err(e.line())
-            code = e.exit_code
-        except KeyboardInterrupt:
-            _err("interrupted; no output was written")
-            code = 130
-        except Exception as e:  # a bug: say so, status 1
-            if debug:
-                traceback.print_exc()
-            _err(f"internal error: {e.__class__.__name__}: {e} (run with --debug for the traceback)")
-            code = 1
-        sys.exit(code or 0)
-
-    return wrapper
+from .cli_common import batch_outputs, common, err, run_batch
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -75,7 +41,7 @@ def inspect_cmd(paths, as_json, jobs, debug, quiet):
 
     items, _ = expand_inputs(paths)
     if not items:
-        _err(f"{' '.join(paths)}: no model files found")
+        err(f"{' '.join(paths)}: no model files found")
         return 2
     results = run_items(items, inspect_path, desc="inspect", jobs=jobs, debug=debug, quiet=quiet)
     if as_json:
@@ -85,9 +51,104 @@ def inspect_cmd(paths, as_json, jobs, debug, quiet):
         if r.status == "done" and not as_json:
             click.echo(format_report(r.value))
         elif r.status != "done":
-            _err(r.message)
+            err(r.message)
     return exit_status(results)
 
+
+@main.command("extract")
+@click.argument("base")
+@click.argument("tuned", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, help="Output .safetensors (or a folder in batch mode).")
+@click.option("--algo", type=click.Choice(["lora", "locon", "loha", "lokr", "full"]), default="locon", show_default=True)
+@click.option("--rank", type=int, default=32, show_default=True, help="Rank of linear and 1x1 layers (--mode fixed).")
+@click.option("--conv-rank", type=int, default=None, help="Rank of 3x3 convs (default: --rank).")
+@click.option("--mode", type=click.Choice(["fixed", "threshold", "ratio", "quantile", "energy"]), default="fixed", show_default=True,
+              help="Per-layer rank rule: fixed rank, singular values above a threshold, above a ratio of the largest, "
+                   "a quantile of their sum (LyCORIS), or the energy fraction to keep.")
+@click.option("--mode-param", type=float, default=None, help="The rule's parameter (e.g. --mode energy --mode-param 0.9).")
+@click.option("--conv-mode-param", type=float, default=None, help="The rule's parameter for 3x3 convs.")
+@click.option("--max-rank", type=int, default=None, help="Cap on every layer's rank.")
+@click.option("--budget", default=None, help="Whole-file size: parameters (2M), bytes (20MB) or a ratio of the layers' size (0.05).")
+@click.option("--parts", default="unet,te", show_default=True, help="Comma list of unet, te (all text encoders), te1, te2.")
+@click.option("--tucker/--no-tucker", default=False, show_default=True, help="Tucker (lora_mid) for 3x3 convs.")
+@click.option("--include-norms", is_flag=True, help="Also store norm-layer changes (w_norm/b_norm) and full-diff biases.")
+@click.option("--min-diff", type=float, default=0.0, show_default=True, help="Layers whose largest |ΔW| is at most this are unchanged.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda for the math.")
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True, help="Output dtype.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--loha-steps", type=int, default=200, show_default=True, help="LoHa refinement steps.")
+@click.option("--lokr-factor", type=int, default=-1, show_default=True, help="LoKr factor (-1: balanced).")
+@click.option("--report", "report", default=None, help="Write per-layer rank, kept energy and error as JSON.")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+@click.option("--no-date", is_flag=True, help="Leave the date out of the metadata (byte-identical reruns).")
+@click.option("-j", "--jobs", default=1, show_default=True, help="Files processed at once in batch mode.")
+@common
+def extract_cmd(base, tuned, output, algo, rank, conv_rank, mode, mode_param, conv_mode_param, max_rank, budget, parts,
+                tucker, include_norms, min_diff, device, dtype, seed, loha_steps, lokr_factor, report, overwrite,
+                no_date, jobs, debug, quiet):
+    """Extract an adapter from a fine-tuned checkpoint and its base (ΔW = tuned − base, by SVD).
+
+    \b
+    Examples:
+      lycotools extract base.safetensors tuned.safetensors -o tuned_lora.safetensors --rank 32
+      lycotools extract base.safetensors tuned.safetensors -o t.safetensors --mode energy --mode-param 0.95 --max-rank 64
+      lycotools extract base.safetensors finetunes/ -o adapters/ --algo loha --rank 8
+    """
+    from .batch import require_exists
+    from .ops.extract import ExtractOptions, extract
+
+    require_exists(base)
+    opts = ExtractOptions(algo=algo, rank=rank, conv_rank=conv_rank, mode=mode, mode_param=mode_param,
+                          conv_mode_param=conv_mode_param, max_rank=max_rank, budget=budget,
+                          parts=tuple(p.strip() for p in parts.split(",") if p.strip()), tucker=tucker,
+                          include_norms=include_norms, min_diff=min_diff, device=device, dtype=dtype, seed=seed,
+                          loha_steps=loha_steps, lokr_factor=lokr_factor, no_date=no_date)
+    if mode != "fixed" and mode_param is None:
+        from .errors import BadInput
+
+        raise BadInput(None, f"--mode {mode} needs --mode-param")
+    items, batch = expand_inputs(tuned)
+    if not batch:
+        res = extract(base, items[0], output, opts, overwrite=overwrite, report_path=report, quiet=quiet)
+        if not quiet:
+            _extract_summary(res)
+        return 0
+
+    def work(src, dst):
+        rep = None if not report else str(dst.with_suffix(".report.json"))
+        extract(base, src, dst, opts, overwrite=overwrite, report_path=rep, quiet=True)
+
+    return run_batch(batch_outputs(items, output), work, overwrite=overwrite, jobs=jobs, debug=debug, quiet=quiet,
+                     desc="extract")
+
+
+def _extract_summary(res):
+    parts = res.part_summary()
+    for comp, s in parts.items():
+        if s["changed_layers"] == 0:
+            click.echo(f"lycotools: {comp}: no difference from the base ({s['unchanged_layers']} layers unchanged); "
+                       "nothing extracted for it", err=True)
+        else:
+            ranks = f"rank {s['rank_min']}–{s['rank_max']}" if s["rank_min"] is not None else "stored whole"
+            click.echo(f"lycotools: {comp}: {s['changed_layers']} layers extracted ({ranks}), "
+                       f"{s['unchanged_layers']} unchanged", err=True)
+    errs = [l.rel_error for l in res.layers if l.params]
+    worst = max(errs) if errs else 0.0
+    click.echo(f"lycotools: wrote {res.output} ({res.params / 1e6:.3f}M params, worst layer relative error {worst:.4f})",
+               err=True)
+    if res.skipped_bias:
+        click.echo(f"lycotools: warning: {res.skipped_bias} bias changes not stored "
+                   "(low-rank modules carry no bias; use --algo full --include-norms to keep them)", err=True)
+
+
+def _register():
+    from .commands import convert, merge, rank_prune
+
+    for mod in (merge, rank_prune, convert):
+        main.add_command(mod.command)
+
+
+_register()
 
 if __name__ == "__main__":  # pragma: no cover
     main()

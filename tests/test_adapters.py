@@ -96,6 +96,9 @@ def check_against_lycoris(mod: nn.Module, layer: nn.Module, additive_delta: bool
             d = am.delta(tuple(w.shape), base_weight=w)
             got_diff = run_layer(layer, x, d, None)
             assert rel_err(got_diff, ref_diff) < RTOL, (am.algo, rel_err(got_diff, ref_diff))
+    if am.algo in ("lora", "loha", "lokr"):  # ΔW from the factors alone: hint == delta().shape
+        hint = am.weight_shape_hint()
+        assert am.delta().shape == hint and torch.Size(hint).numel() == w.numel()
     return am
 
 
@@ -412,7 +415,7 @@ def test_alpha_forms(alpha_t, scale):
 def test_rank_and_num_params():
     am = parse_module("m", loha.to_tensors(torch.randn(8, 3), torch.randn(3, 20), torch.randn(8, 3),
                                            torch.randn(3, 20), alpha=1))
-    assert am.rank == 3 and am.num_params == 4 * 60 and am.weight_shape_hint() == (8, 20)
+    assert am.rank == 3 and am.num_params == 2 * (8 * 3 + 3 * 20) and am.weight_shape_hint() == (8, 20)
     am = parse_module("m", lora.to_tensors(torch.randn(8, 5, 1, 1), torch.randn(5, 2, 1, 1), 5,
                                            mid=torch.randn(5, 5, 3, 3)))
     assert am.rank == 5 and am.num_params == 40 + 10 + 225 and am.weight_shape_hint() == (8, 2, 3, 3)
@@ -422,6 +425,20 @@ def test_rank_and_num_params():
     fu = parse_module("m", full.to_tensors(torch.randn(8, 2), torch.randn(8)))
     assert fu.rank is None and fu.num_params == 24 and fu.scale == 1.0
     assert parse_module("m", norm.to_tensors(torch.randn(8))).algo == "norm"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_factors_math_in_float32(dtype):
+    up, down, mid = torch.randn(6, 3, 1, 1), torch.randn(3, 4, 1, 1), torch.randn(3, 3, 3, 3)
+    t = {k: v.to(dtype) for k, v in lora.to_tensors(up, down, 1.5, mid=mid).items()}
+    am = parse_module("m", t)
+    d = am.delta()
+    assert d.dtype == torch.float32 and d.shape == (6, 4, 3, 3)
+    f = lambda v: v.to(dtype).float()  # noqa: E731
+    ref = torch.einsum("oa,abhw,bc->ochw", f(up).flatten(1), f(mid), f(down).flatten(1)) * 0.5
+    assert torch.allclose(d, ref, rtol=1e-5, atol=1e-5)
+    w2, _ = am.apply(torch.zeros(6, 4, 3, 3, dtype=dtype), 2.0)
+    assert w2.dtype == torch.float32 and torch.allclose(w2, 2 * ref, rtol=1e-5, atol=1e-5)
 
 
 def test_weight_shape_reshape():

@@ -33,7 +33,8 @@ from lycotools.layouts.checkpoint import (
 
 def _clip(hidden=32, layers=2, proj_dim=None):
     cfg = CLIPTextConfig(vocab_size=99, hidden_size=hidden, intermediate_size=37, num_hidden_layers=layers,
-                         num_attention_heads=4, max_position_embeddings=77, projection_dim=proj_dim or hidden)
+                         num_attention_heads=4, max_position_embeddings=77, projection_dim=proj_dim or hidden,
+                         bos_token_id=0, eos_token_id=2, pad_token_id=1)
     return CLIPTextModelWithProjection(cfg) if proj_dim else CLIPTextModel(cfg)
 
 
@@ -343,6 +344,43 @@ def test_template_single_file_key_sets():
     assert len(km.unmapped_single) == 14
     assert all("resblocks.23." in k or k.endswith(("text_projection", "logit_scale")) for k in km.unmapped_single)
     assert km.to_diffusers("cond_stage_model.model.transformer.resblocks.23.attn.in_proj_weight") == []
+
+
+@pytest.mark.parametrize("arch,kind", [("sd1", "v1"), ("sd2", "v2"), ("sdxl", "xl_base"),
+                                       ("sdxl-refiner", "xl_refiner")])
+def test_diffusers_recognises_derived_single_file_keys(arch, kind):
+    shapes = template_single_shapes(arch)
+    meta = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    assert sfu.infer_diffusers_model_type(meta) == kind
+
+
+def test_vae_only_files():
+    comps, _ = tiny("sd1")
+    single = diffusers_to_single_state_dict({"vae": comps["vae"]}, "sd1")
+    info = detect_checkpoint({k: tuple(v.shape) for k, v in single.items()})
+    assert info.components == {"vae": "first_stage_model."} and info.layout == "single-file"
+    _assert_same(single_to_diffusers_state_dicts(single)["vae"], comps["vae"])
+    info = detect_checkpoint({f"vae.{k}": tuple(v.shape) for k, v in comps["vae"].items()})
+    assert info.components == {"vae": "vae."} and info.layout == "diffusers"
+
+
+def test_old_sd1_clip_names_without_text_model_level():
+    comps, _ = tiny("sd1")
+    single = diffusers_to_single_state_dict(comps, "sd1")
+    old = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v
+           for k, v in single.items()}
+    assert detect_checkpoint({k: tuple(v.shape) for k, v in old.items()}).arch == "sd1"
+    back = single_to_diffusers_state_dicts(old)
+    _assert_same(back["text_encoder"], comps["text_encoder"])
+
+
+def test_half_precision_round_trip_is_bit_exact():
+    comps, _ = tiny("sdxl")
+    half = {c: {k: v.to(torch.bfloat16 if c == "unet" else torch.float16) for k, v in sd.items()}
+            for c, sd in comps.items()}
+    back = single_to_diffusers_state_dicts(diffusers_to_single_state_dict(half, "sdxl"))
+    for c in half:
+        _assert_same(back[c], half[c])
 
 
 def test_keymapping_is_frozen():

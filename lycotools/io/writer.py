@@ -49,6 +49,18 @@ def check_output(path, inputs=(), overwrite: bool = False) -> Path:
     return path
 
 
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _publish(tmp: Path, dst: Path):
+    """Give the temp file ordinary permissions (mkstemp makes it 0600) and move it into place."""
+    os.chmod(tmp, _umask_mode())
+    os.replace(tmp, dst)
+
+
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.detach().to("cpu").contiguous()
     if t.numel() == 0:
@@ -157,7 +169,7 @@ class SafetensorsWriter:
             self._fh.flush()
             os.fsync(self._fh.fileno())
             self._fh.close()
-            os.replace(self._tmp, self.path)
+            _publish(self._tmp, self.path)
         except BaseException:
             self.abort()
             raise
@@ -272,7 +284,7 @@ def copy_file_atomic(src, dst, **kw):
     os.close(fd)
     try:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
+        _publish(Path(tmp), dst)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -123,6 +123,8 @@ def _dotted_split(key: str):
             if n == "ldm":
                 conv = "comfy"
             break
+    while path.startswith("base_model.model."):  # PeftModel wrappers nest this prefix
+        path = path[len("base_model.model."):]
     # attn-procs names: ...attn1.processor.to_q_lora -> ...attn1.to_q
     if path.endswith("_lora") or ".processor." in path:
         conv = "diffusers-attnprocs"
@@ -165,3 +167,19 @@ def group_keys(keys) -> KeyGroups:
 
 def flatten_path(path: str) -> str:
     return path.replace(".", "_")
+
+
+def kohya_module_name(arch: str, component: str, module: str, ldm_module: str | None = None) -> str:
+    """The kohya/LyCORIS module name every consumer loads (conventions.md): diffusers-named UNet modules
+    for SD1/SD2, ldm/sgm-named for SDXL; ``lora_te_`` for one text encoder, ``lora_te1_/lora_te2_`` for two.
+    Text-encoder paths keep the ``text_model.`` level."""
+    if component == "unet":
+        path = ldm_module if arch.startswith("sdxl") and ldm_module else module
+        return "lora_unet_" + flatten_path(path)
+    if not module.startswith(("text_model.", "text_projection")):
+        module = "text_model." + module
+    if arch == "sdxl":
+        prefix = "lora_te1_" if component == "text_encoder" else "lora_te2_"
+    else:
+        prefix = "lora_te_"
+    return prefix + flatten_path(module)

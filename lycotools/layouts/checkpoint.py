@@ -148,8 +148,9 @@ def detect_checkpoint(shapes: Mapping[str, tuple]) -> CheckpointInfo:
     notes: list[str] = []
     comps: dict[str, str] = {}
 
-    diffusers_like = _has_prefix(keys, "unet.") or _has_prefix(keys, "text_encoder.") or _has_prefix(
-        keys, "text_encoder_2."
+    diffusers_like = any(
+        _has_prefix(keys, p)
+        for p in ("unet.", "text_encoder.", "text_encoder_2.", "vae.encoder.down_blocks.", "vae.decoder.up_blocks.")
     )
     single_like = any(
         _has_prefix(keys, p)

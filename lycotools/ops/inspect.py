@@ -106,8 +106,8 @@ def guess_adapter_arch(af: AdapterFile) -> tuple[str | None, ModelIndex | None, 
                 continue
             if tuple(h) == tuple(t.shape):
                 shape_ok += 1
-            if len(h) == len(t.shape):
-                ndim_ok += 1
+            if lm.module.algo == "lora" and "lora_mid.weight" not in lm.module.tensors and len(h) == len(t.shape):
+                ndim_ok += 1  # only plain LoRA keeps the layer's ndim (SD1 1x1-conv proj_in vs SD2 Linear)
         score = (resolved, shape_ok, ndim_ok, arch == hint)
         if best_score is None or score > best_score:
             best, best_score = arch, score
@@ -122,6 +122,15 @@ def _range(values):
         return None
     lo, hi = min(values), max(values)
     return [lo, hi]
+
+
+def _main_dtype(src) -> str | None:
+    counts: Counter = Counter()
+    for k in src.keys():
+        dt = src.dtype(k)
+        if dt.is_floating_point:
+            counts[short_dtype(dt)] += src.numel(k)
+    return counts.most_common(1)[0][0] if counts else None
 
 
 def _adapter_report(af: AdapterFile) -> dict:
@@ -147,7 +156,7 @@ def _adapter_report(af: AdapterFile) -> dict:
         "rank": _range([lm.module.rank for lm in parsed]),
         "alpha": _range([lm.module.alpha for lm in parsed]),
         "params": sum(lm.module.num_params for lm in parsed),
-        "dtype": short_dtype(af.source.dtype(af.source.keys()[0])) if len(af.source) else None,
+        "dtype": _main_dtype(af.source),
         "targets": dict(targets),
         "unmatched": [lm.name for lm in af.unmatched] if index is not None else [],
         "errors": [lm.error for lm in af.errors],

@@ -1,0 +1,14 @@
+"""`lycotools convert` (being built)."""
+
+import click
+
+from ..cli_common import common
+from ..errors import BadInput
+
+
+@click.command("convert")
+@click.argument("inputs", nargs=-1)
+@common
+def command(inputs, debug, quiet):
+    """Not implemented yet."""
+    raise BadInput(None, "lycotools convert is not implemented yet")
