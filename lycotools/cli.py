@@ -71,6 +71,8 @@ def inspect_cmd(paths, as_json, jobs, debug, quiet):
 @click.option("--budget", default=None, help="Whole-file size: parameters (2M), bytes (20MB) or a ratio of the layers' size (0.05).")
 @click.option("--parts", default="unet,te", show_default=True, help="Comma list of unet, te (all text encoders), te1, te2.")
 @click.option("--tucker/--no-tucker", default=False, show_default=True, help="Tucker (lora_mid) for 3x3 convs.")
+@click.option("--full-fallback/--no-full-fallback", default=True, show_default=True,
+              help="Store a layer as a full diff when its rank would not save space (diffusers cannot load full diffs).")
 @click.option("--include-norms", is_flag=True, help="Also store norm-layer changes (w_norm/b_norm) and full-diff biases.")
 @click.option("--min-diff", type=float, default=0.0, show_default=True, help="Layers whose largest |ΔW| is at most this are unchanged.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda for the math.")
@@ -84,7 +86,7 @@ def inspect_cmd(paths, as_json, jobs, debug, quiet):
 @click.option("-j", "--jobs", default=1, show_default=True, help="Files processed at once in batch mode.")
 @common
 def extract_cmd(base, tuned, output, algo, rank, conv_rank, mode, mode_param, conv_mode_param, max_rank, budget, parts,
-                tucker, include_norms, min_diff, device, dtype, seed, loha_steps, lokr_factor, report, overwrite,
+                tucker, full_fallback, include_norms, min_diff, device, dtype, seed, loha_steps, lokr_factor, report, overwrite,
                 no_date, jobs, debug, quiet):
     """Extract an adapter from a fine-tuned checkpoint and its base (ΔW = tuned − base, by SVD).
 
@@ -102,7 +104,8 @@ def extract_cmd(base, tuned, output, algo, rank, conv_rank, mode, mode_param, co
                           conv_mode_param=conv_mode_param, max_rank=max_rank, budget=budget,
                           parts=tuple(p.strip() for p in parts.split(",") if p.strip()), tucker=tucker,
                           include_norms=include_norms, min_diff=min_diff, device=device, dtype=dtype, seed=seed,
-                          loha_steps=loha_steps, lokr_factor=lokr_factor, no_date=no_date)
+                          loha_steps=loha_steps, lokr_factor=lokr_factor, no_date=no_date,
+                          full_fallback=full_fallback)
     if mode != "fixed" and mode_param is None:
         from .errors import BadInput
 

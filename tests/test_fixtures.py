@@ -8,6 +8,7 @@ import logging
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -245,28 +246,66 @@ def test_peft_adalora_folder_loads():
 
 def _load_lora_strict(pipe, path, caplog, **kw):
     pipe = copy.deepcopy(pipe)
-    with caplog.at_level(logging.WARNING):
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
         pipe.load_lora_weights(str(path), adapter_name="fx", **kw)
-    bad = [r.getMessage() for r in caplog.records
-           if re.search(r"unexpected|not correctly|No LoRA keys|missing", r.getMessage(), re.I)]
+    msgs = [r.getMessage() for r in caplog.records] + [str(w.message) for w in warned]
+    bad = [m for m in msgs if re.search(r"unexpected|not correctly|No LoRA keys|missing|inconsisten", m, re.I)]
     return pipe, bad
+
+
+def _file_modules(path):
+    return {k.split(".", 1)[0] for k in load_file(str(path))}
+
+
+def _flat_loaded(pipe, comps=(("unet", "lora_unet_"), ("text_encoder", "lora_te_"))):
+    out = set()
+    for comp, prefix in comps:
+        for n in _lora_modules(getattr(pipe, comp)):
+            n = _te_key(n) if comp.startswith("text_encoder") else n
+            out.add(prefix + n.replace(".", "_"))
+    return out
 
 
 def test_diffusers_lora_loads(pipe, caplog):
     p, bad = _load_lora_strict(pipe, ADAPTERS, caplog, weight_name="sd1_diffusers_lora.safetensors")
     assert not bad, bad
-    assert len(_lora_modules(p.unet)) > 0 and len(_lora_modules(p.text_encoder)) > 0
+    file = load_file(str(ADAPTERS / "sd1_diffusers_lora.safetensors"))
+    mods = {re.sub(r"\.(lora|lora_linear_layer|lora_A|lora_B)\..*$", "", k) for k in file}
+    n_unet = len({m for m in mods if m.startswith("unet.")})
+    n_te = len({m for m in mods if m.startswith("text_encoder.")})
+    assert len(_lora_modules(p.unet)) == n_unet and len(_lora_modules(p.text_encoder)) == n_te
     cfg = p.unet.peft_config["fx"]
     assert cfg.r == 4 and cfg.lora_alpha == 8
 
 
-@pytest.mark.parametrize("name", ["sd1_kohya_lora", "sd1_kohya_locon", "sd1_diffusers_old"])
-def test_kohya_lora_loads_in_diffusers_without_unmatched_keys(pipe, caplog, name, manifest):
-    p, bad = _load_lora_strict(pipe, ADAPTERS / f"{name}.safetensors", caplog)
+def test_diffusers_old_lora_loads(pipe, caplog, manifest):
+    p, bad = _load_lora_strict(pipe, ADAPTERS / "sd1_diffusers_old.safetensors", caplog)
     assert not bad, bad
-    entry = next(e for e in manifest["files"] if e["path"] == f"adapters/{name}.safetensors")
-    n = len(_lora_modules(p.unet)) + len(_lora_modules(p.text_encoder))
-    assert n == entry["n_modules"]
+    entry = next(e for e in manifest["files"] if e["path"] == "adapters/sd1_diffusers_old.safetensors")
+    assert len(_lora_modules(p.unet)) == entry["n_modules"]
+
+
+@pytest.mark.parametrize("name", ["sd1_kohya_lora", "sd1_kohya_locon", "sd1_dora"])
+def test_kohya_lora_loads_in_diffusers_without_unmatched_keys(pipe, caplog, name):
+    p, bad = _load_lora_strict(pipe, ADAPTERS / f"{name}.safetensors", caplog)
+    if name != "sd1_dora":  # diffusers logs that it drops dora_scale (consumers.md §1.1)
+        assert not bad, bad
+    want = _file_modules(ADAPTERS / f"{name}.safetensors")
+    got = _flat_loaded(p)
+    assert {m for m in want if m.startswith("lora_unet_")} == {m for m in got if m.startswith("lora_unet_")}
+    assert got <= want
+    # text-encoder MLP keys load; attention keys: see the xfail test below
+    assert {m for m in want if m.startswith("lora_te_") and "_mlp_" in m} <= got
+
+
+@pytest.mark.xfail(strict=False, reason="diffusers 0.42.1 + transformers 5 leave kohya TE self_attn keys as legacy "
+                   "`to_q_lora.*` names, which the CLIP model reports as UNEXPECTED and drops")
+def test_kohya_te_attention_keys_load_in_diffusers(pipe, caplog):
+    p, _ = _load_lora_strict(pipe, ADAPTERS / "sd1_kohya_lora.safetensors", caplog)
+    want = {m for m in _file_modules(ADAPTERS / "sd1_kohya_lora.safetensors") if m.startswith("lora_te_")}
+    assert want <= _flat_loaded(p)
 
 
 def test_lycoris_only_formats_are_rejected_by_diffusers(pipe):
@@ -286,10 +325,13 @@ def test_sdxl_kohya_lora_loads_in_sdxl_pipeline(mf, caplog):
     for name in ("sdxl_kohya_lora", "sdxl_kohya_locon"):
         p, bad = _load_lora_strict(pipe, ADAPTERS / f"{name}.safetensors", caplog)
         assert not bad, bad
-        e = json.loads((FIX / "MANIFEST.json").read_text())
-        entry = next(x for x in e["files"] if x["path"] == f"adapters/{name}.safetensors")
-        n = len(_lora_modules(p.unet)) + len(_lora_modules(p.text_encoder)) + len(_lora_modules(p.text_encoder_2))
-        assert n == entry["n_modules"], name
+        want = _file_modules(ADAPTERS / f"{name}.safetensors")
+        # sgm-named UNet modules are remapped by diffusers; every one must land on a module
+        assert len(_lora_modules(p.unet)) == len({m for m in want if m.startswith("lora_unet_")}), name
+        got_te = _flat_loaded(p, (("text_encoder", "lora_te1_"), ("text_encoder_2", "lora_te2_")))
+        assert got_te <= want
+        # MLP keys load; TE self_attn keys are dropped by diffusers 0.42.1 + transformers 5 (xfail test above)
+        assert {m for m in want if m.startswith("lora_te") and "_mlp_" in m} <= got_te
 
 
 # ------------------------------------------------------------------ every LyCORIS module maps to a real weight
@@ -339,7 +381,7 @@ def _delta(sd, key, shape):
         if w2.dim() == 4:
             w1 = w1[:, :, None, None]
         scale = 1.0 if r is None else float(alpha) / r
-        return torch.kron(w1, w2) * scale
+        return torch.kron(w1.contiguous(), w2.contiguous()) * scale
     if g("diff") is not None:
         return g("diff")
     if g("w_norm") is not None:
@@ -402,21 +444,93 @@ def test_ldm_named_adapters_map_to_single_file_weights(name, prefix):
         assert _delta(sd, m, tuple(ldm[m].shape)).shape == ldm[m].shape
 
 
-def test_lycoris_library_reads_loha_and_lokr_factor_shapes():
-    """lycoris-lora's own module classes accept the factors (shape-level check)."""
-    lyco = pytest.importorskip("lycoris")
-    from lycoris.modules.loha import LohaModule
+# LyCORIS 4.1.3 reload bugs (lycoris.md §2.14): its loader cannot rebuild these modules from a file.
+LYCORIS_RELOAD_BUGS = {
+    "ia3": "IA3Module.make_module_from_state_dict() TypeError (lycoris.md §2.5)",
+    "lokr_tucker": "Tucker LoKr rank read from w2_a.size(1) (lycoris.md §2.14)",
+}
 
-    sd = load_file(str(ADAPTERS / "sd1_loha.safetensors"))
-    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
-    lin = torch.nn.Linear(sd[f"{key}.hada_w1_b"].shape[1], sd[f"{key}.hada_w1_a"].shape[0], bias=False)
-    mod = LohaModule(key, lin, multiplier=1.0, lora_dim=sd[f"{key}.hada_w1_b"].shape[0], alpha=float(sd[f"{key}.alpha"]))
-    mod.load_state_dict({k.split(".", 1)[1]: v for k, v in sd.items() if k.startswith(key + ".")}, strict=False)
-    ref = _delta(sd, key, tuple(lin.weight.shape))
-    got = mod.get_weight(lin.weight.shape) if hasattr(mod, "get_weight") else None
-    if got is not None:
-        got = got[0] if isinstance(got, tuple) else got
-        torch.testing.assert_close(got.reshape(ref.shape), ref, rtol=1e-4, atol=1e-6)
+
+@pytest.fixture(scope="module")
+def sd1_modules(mf):
+    unet, _, te = mf.build_sd1()
+    mods = {}
+    for n, m in unet.named_modules():
+        mods["lora_unet_" + n.replace(".", "_")] = m
+        mods["lycoris_" + n.replace(".", "_")] = m
+    for n, m in te.named_modules():
+        mods["lora_te_" + _te_key(n).replace(".", "_")] = m
+    return mods
+
+
+@pytest.mark.parametrize("name", [n for n in LYCORIS_FILES if n != "sd1_ia3"])
+def test_lycoris_library_forward_matches_the_documented_formulas(name, manifest, sd1_modules):
+    """lycoris-lora rebuilds each module from the file; its forward pass adds exactly ΔW·x (the formulas above)."""
+    import torch.nn.functional as F
+
+    pytest.importorskip("lycoris")
+    from lycoris.modules import get_module
+
+    sd = {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(str(ADAPTERS / f"{name}.safetensors")).items()}
+    entry = next(e for e in manifest["files"] if e["path"] == f"adapters/{name}.safetensors")
+    g = torch.Generator().manual_seed(0)
+    checked = 0
+    for key, info in sorted(entry["modules"].items()):
+        if info["algo"] in LYCORIS_RELOAD_BUGS:
+            continue
+        orig = copy.deepcopy(sd1_modules[key])
+        w = orig.weight.detach().clone()
+        b0 = None if getattr(orig, "bias", None) is None else orig.bias.detach().clone()
+        with torch.no_grad():
+            cls, args = get_module(sd, key)
+            assert cls is not None, key
+            lm = cls.make_module_from_state_dict(key, orig, *args)
+            lm.apply_to()
+            if info["algo"] == "norm":
+                x = torch.randn(2, w.shape[0], 4, 4, generator=g) if isinstance(orig, torch.nn.GroupNorm) \
+                    else torch.randn(3, w.shape[0], generator=g)
+                want_w, want_b = w + sd[f"{key}.w_norm"], b0 + sd[f"{key}.b_norm"]
+                want = (F.group_norm(x, orig.num_groups, want_w, want_b, orig.eps) if isinstance(orig, torch.nn.GroupNorm)
+                        else F.layer_norm(x, w.shape, want_w, want_b, orig.eps))
+                y = lm(x)
+            else:
+                lora_only = {k: v for k, v in sd.items() if not k.startswith(f"{key}.bias_")}  # LyCORIS ignores them
+                d = _delta(lora_only, key, tuple(w.shape)).float()
+                new_w = w + d
+                if f"{key}.dora_scale" in sd:
+                    norm = new_w.reshape(w.shape[0], -1).norm(dim=1).reshape((-1,) + (1,) * (w.dim() - 1))
+                    new_w = new_w * (sd[f"{key}.dora_scale"] / (norm + torch.finfo(torch.float32).eps))
+                b = b0
+                if f"{key}.diff_b" in sd:
+                    b = b + sd[f"{key}.diff_b"]
+                if isinstance(orig, torch.nn.Linear):
+                    x = torch.randn(3, w.shape[1], generator=g)
+                    want = F.linear(x, new_w, b)
+                else:
+                    x = torch.randn(1, w.shape[1], 8, 8, generator=g)
+                    want = F.conv2d(x, new_w, b, orig.stride, orig.padding)
+                y = lm(x)
+        torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}:{key}: {m}")
+        checked += 1
+    assert checked > 0
+
+
+@pytest.mark.parametrize("name,algo", [("sd1_ia3", "ia3"), ("sd1_lokr_tucker", "lokr_tucker")])
+def test_lycoris_reload_bugs_still_there(name, algo, manifest, sd1_modules):
+    """Documents lycoris-lora 4.1.3's reload bugs on these (valid) layouts; flip when LyCORIS fixes them."""
+    pytest.importorskip("lycoris")
+    from lycoris.modules import get_module
+
+    sd = load_file(str(ADAPTERS / f"{name}.safetensors"))
+    entry = next(e for e in manifest["files"] if e["path"] == f"adapters/{name}.safetensors")
+    key = next(k for k, v in sorted(entry["modules"].items()) if v["algo"] == algo)
+    cls, args = get_module(sd, key)
+    with pytest.raises((TypeError, AttributeError, RuntimeError)):
+        with torch.no_grad():
+            lm = cls.make_module_from_state_dict(key, copy.deepcopy(sd1_modules[key]), *args)
+            lm.apply_to()
+            w = sd1_modules[key].weight
+            lm(torch.randn(1, w.shape[1], 8, 8))
 
 
 # ------------------------------------------------------------------ embeddings and bad files

@@ -1,14 +1,114 @@
-"""`lycotools rank-prune` (being built)."""
+"""`lycotools rank-prune`: shrink adapters to a rank, a per-layer rule or a global budget."""
+
+from __future__ import annotations
 
 import click
 
-from ..cli_common import common
-from ..errors import BadInput
+from ..cli_common import batch_outputs, common, err, run_batch
+
+HELP = """Shrink adapters to a uniform rank, a per-layer rule or a global parameter budget.
+
+\b
+Every module's ΔW is put in exact SVD form (LoRA/LoCon/AdaLoRA without forming the out×in
+matrix: QR of both factors and an SVD of the r×r core; LoHa, LoKr, Tucker and full diffs are
+materialised) and written back as a kohya LoRA/LoCon with alpha = rank and the old scale in
+the factors, so every layer keeps its effective strength. A rank ≥ the input's reproduces ΔW.
+
+\b
+--mode uses kohya resize_lora's quantities without its off-by-one: ratio t keeps every
+S_i > S_max/t; cumulative t and fro t give the SMALLEST rank keeping a fraction t of ΣS /
+of the Frobenius norm (kohya returns one more, and never fewer than 2); energy t keeps a
+fraction t of ΣS² (= fro √t).
+
+\b
+--budget spends a whole-file parameter count (2.5M, 300k), size (20MB, at the output dtype)
+or ratio of the input (0.5) where it matters: --score spectral (default) ranks every singular
+triplet of every layer by σ² per parameter (most Frobenius energy of the whole model per
+parameter); --score sensitivity is AdaLoRA's data-driven score (|w·∂L/∂w|, EMA sensitivity ×
+uncertainty, β1=β2=0.85, Eq. 9 triplet score) from a few diffusion-loss passes on --calib
+images+captions (or --prompts with noise latents) through the --base model.
+
+\b
+Examples:
+  lycotools rank-prune my_lora.safetensors -o my_lora_r8.safetensors --rank 8
+  lycotools rank-prune my_lora.safetensors -o small.safetensors --budget 0.5 --report r.json --plot r.png
+  lycotools rank-prune my_lora.safetensors -o dyn.safetensors --mode fro --mode-param 0.9 --max-rank 32
+  lycotools rank-prune loras/ -o pruned/ --budget 20MB -j 2
+  lycotools rank-prune l.safetensors -o s.safetensors --budget 0.3 --score sensitivity \\
+      --base v1-5.safetensors --calib calib_images/ --config sd15_diffusers/
+"""
 
 
-@click.command("rank-prune")
-@click.argument("inputs", nargs=-1)
+@click.command("rank-prune", help=HELP)
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, help="Output file (a folder with several inputs).")
+@click.option("--rank", type=int, default=None, help="Uniform rank for every layer.")
+@click.option("--mode", type=click.Choice(["ratio", "cumulative", "fro", "energy"]), default=None,
+              help="Per-layer rank rule (kohya's definitions, without its off-by-one).")
+@click.option("--mode-param", type=float, default=None, help="Parameter of --mode (ratio: S_max/S_min; others: a fraction).")
+@click.option("--budget", default=None, help="Global budget: parameters (2.5M), size (20MB) or ratio of the input (0.5).")
+@click.option("--score", type=click.Choice(["spectral", "sensitivity"]), default="spectral", show_default=True,
+              help="How --budget ranks singular triplets.")
+@click.option("--min-rank", type=int, default=None, help="Smallest rank a layer keeps (default 1 for --rank/--mode, 0 for --budget).")
+@click.option("--max-rank", type=int, default=None, help="Largest rank a layer gets.")
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None, help="Output dtype (default: the input's).")
+@click.option("--base", default=None, help="Base checkpoint: true layer shapes, and the model for --score sensitivity.")
+@click.option("--calib", default=None, help="Folder of images with .txt captions for --score sensitivity.")
+@click.option("--prompts", multiple=True, help="Prompt(s) for --score sensitivity with generated noise latents (repeatable).")
+@click.option("--config", "config", default=None, help="Diffusers folder (or unet/ folder) whose config.json builds the model for --score sensitivity.")
+@click.option("--steps", type=int, default=8, show_default=True, help="Forward/backward passes for --score sensitivity.")
+@click.option("--device", default="cpu", show_default=True, help="Device for --score sensitivity (cpu, cuda).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed (randomized SVDs, timesteps, noise).")
+@click.option("--report", default=None, help="Write per-layer rank before/after and energy kept as JSON.")
+@click.option("--plot", default=None, help="Draw rank per layer before/after, grouped by block, as PNG (needs matplotlib).")
+@click.option("--no-date", is_flag=True, help="Leave the date out of the metadata (byte-identical reruns).")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+@click.option("-j", "--jobs", type=int, default=1, show_default=True, help="Files processed at once in batch mode.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @common
-def command(inputs, debug, quiet):
-    """Not implemented yet."""
-    raise BadInput(None, "lycotools rank-prune is not implemented yet")
+def command(inputs, output, rank, mode, mode_param, budget, score, min_rank, max_rank, dtype, base, calib, prompts,
+            config, steps, device, seed, report, plot, no_date, overwrite, jobs, as_json, debug, quiet):
+    import json
+    from pathlib import Path
+
+    from ..batch import expand_inputs
+    from ..ops.prune import PruneOptions, prune, report_doc
+
+    opts = PruneOptions(rank=rank, mode=mode, mode_param=mode_param, budget=budget, min_rank=min_rank,
+                        max_rank=max_rank, score=score, dtype=dtype, base=base, calib=calib, prompts=tuple(prompts),
+                        config=config, steps=steps, device=device, seed=seed, no_date=no_date)
+    opts.check()
+    items, is_batch = expand_inputs(inputs)
+    if not items:
+        err(f"{' '.join(inputs)}: no model files found")
+        return 2
+    if not is_batch:
+        res = prune(items[0], output, opts, overwrite=overwrite, report_path=report, plot_path=plot, quiet=quiet)
+        if not quiet:
+            _summary(res)
+        if as_json:
+            click.echo(json.dumps(report_doc(res, opts), indent=1))
+        return 0
+    pairs = batch_outputs(items, output)
+
+    def work(src, dst):
+        rep = str(Path(report).with_name(f"{dst.stem}.json")) if report else None
+        png = str(Path(plot).with_name(f"{dst.stem}.png")) if plot else None
+        prune(src, dst, opts, overwrite=overwrite, report_path=rep, plot_path=png, quiet=True)
+
+    return run_batch(pairs, work, overwrite=overwrite, jobs=jobs, debug=debug, quiet=quiet, desc="rank-prune")
+
+
+def _summary(res):
+    ranks = [l.new_rank for l in res.layers]
+    kept = [r for r in ranks if r]
+    rr = f"ranks {min(kept)}–{max(kept)}" if kept else "no layer kept"
+    click.echo(f"lycotools: wrote {res.output}: {len(kept)}/{len(ranks)} layers, {rr}, "
+               f"{res.params_before} → {res.params_after} params, {100 * res.energy_kept():.2f}% of ΔW energy kept",
+               err=True)
+    if res.passthrough:
+        click.echo(f"lycotools: {len(res.passthrough)} modules copied unchanged (not prunable: DoRA, IA3, norms, OFT...)",
+                   err=True)
+    if res.dropped:
+        click.echo(f"lycotools: warning: {len(res.dropped)} modules skipped (no target, or not prunable and not "
+                   f"kohya-named): {', '.join(res.dropped[:5])}{' ...' if len(res.dropped) > 5 else ''}", err=True)

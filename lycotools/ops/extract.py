@@ -49,6 +49,7 @@ class ExtractOptions:
     dtype: str = "fp16"
     seed: int = 0
     loha_steps: int = 200
+    full_fallback: bool = True  # store a layer whole when its rank would not save space
     lokr_factor: int = -1
     no_date: bool = False
 
@@ -268,7 +269,7 @@ def _extract_layer(name, comp, module, kind, delta, bias_delta, opts: ExtractOpt
     else:
         param = opts.param_for(conv3)
         svd, r = spectrum_for_mode(M, opts.mode, param, opts.max_rank, seed=seed)
-    if opts.algo in ("lora", "locon") and lora_cost(shape, r) >= full_params:
+    if opts.algo in ("lora", "locon") and opts.full_fallback and lora_cost(shape, r) >= full_params:
         f = factorize.full_diff(delta, diff_b)
         return f.tensors, LayerReport(name, comp, module, shape, "full", None, 1.0, 0.0, f.params,
                                       f"rank {r} would not save space; stored whole")

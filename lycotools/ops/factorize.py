@@ -92,11 +92,11 @@ def loha_refine(delta: torch.Tensor, svd: SVD, r: int, *, steps: int = 200, seed
             opt.zero_grad(set_to_none=True)
             resid = M - (params[0] @ params[1]) * (params[2] @ params[3])
             loss = resid.square().sum() / (norm * norm)
+            e = math.sqrt(max(float(loss.detach()), 0.0))
+            if e < best[0]:  # the error of the current iterate, before this step moves it
+                best = (e, [p.detach().clone() for p in params])
             loss.backward()
             opt.step()
-            e = math.sqrt(max(float(loss), 0.0))
-            if e < best[0]:
-                best = (e, [p.detach().clone() for p in params])
     a1, b1, a2, b2 = best[1]
     err = relative_error(M, (a1 @ b1) * (a2 @ b2))
     t = loha.to_tensors(a1.contiguous(), b1.contiguous(), a2.contiguous(), b2.contiguous(), alpha=r)

@@ -1,0 +1,100 @@
+"""``convert``: detect what the input is (adapter, checkpoint, embedding) and hand it to its converter.
+
+* adapters: ``convert_adapter`` (kohya / lycoris / peft / diffusers / comfy, ``--algo lora``);
+* checkpoints: ``convert_checkpoint`` (single file <-> diffusers folder, dtype, prune, pickle -> safetensors);
+* embeddings: ``convert_embedding`` (A1111 ``.pt``, kohya ``emb_params``, diffusers, SDXL ``clip_l``/``clip_g``).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import BadInput
+from .convert_adapter import ADAPTER_TARGETS, PEFT_COMPONENTS, AdapterOptions, convert_adapter, print_summary
+
+CHECKPOINT_TARGETS = ("diffusers", "single-file")
+EMBEDDING_TARGETS = ("a1111", "kohya", "diffusers", "sdxl")
+
+
+@dataclass
+class ConvertOptions:
+    to: str = "kohya"
+    algo: str | None = None
+    rank: int | None = None
+    mode: str = "fixed"
+    mode_param: float | None = None
+    max_rank: int | None = None
+    base: str | None = None
+    fold_alpha: bool = False
+    drop_unsupported: bool = False
+    dtype: str | None = None
+    prune: bool = False
+    config: str | None = None
+    token: str | None = None
+    seed: int = 0
+    no_date: bool = False
+
+    def adapter(self) -> AdapterOptions:
+        return AdapterOptions(to=self.to, algo=self.algo, rank=self.rank, mode=self.mode, mode_param=self.mode_param,
+                              max_rank=self.max_rank, base=self.base, dtype=self.dtype, fold_alpha=self.fold_alpha,
+                              drop_unsupported=self.drop_unsupported, seed=self.seed, no_date=self.no_date)
+
+
+def input_kind(path) -> str:
+    """'adapter', 'checkpoint' or 'embedding' (BadInput when it is none of them)."""
+    from ..io.readers import open_source
+    from ..layouts.adapter_keys import group_keys
+    from ..layouts.checkpoint import detect_checkpoint
+    from ..layouts.embeddings import detect_embedding
+
+    p = Path(path)
+    if p.is_dir() and any((p / c / "adapter_config.json").exists() for c in PEFT_COMPONENTS):
+        return "adapter"
+    src = open_source(p)
+    try:
+        if getattr(src, "kind", None) == "peft":
+            return "adapter"
+        if detect_embedding(src) is not None:
+            return "embedding"
+        shapes = src.shapes()
+        if detect_checkpoint(shapes).arch != "unknown":
+            return "checkpoint"
+        if group_keys(src.keys()).modules:
+            return "adapter"
+    finally:
+        src.close()
+    raise BadInput(p, "not an adapter, checkpoint or embedding that lycotools can convert")
+
+
+def convert_one(path, output, opts: ConvertOptions, *, overwrite: bool = False, report_path=None, quiet: bool = False):
+    kind = input_kind(path)
+    if kind == "adapter":
+        if opts.to not in ADAPTER_TARGETS:
+            raise BadInput(path, f"this is an adapter; --to {opts.to} is not an adapter target",
+                           hint=f"use one of {', '.join(ADAPTER_TARGETS)}")
+        if opts.dtype and opts.dtype.startswith("fp8"):
+            raise BadInput(path, "fp8 is a checkpoint dtype; adapters take fp32, fp16 or bf16")
+        res = convert_adapter(path, output, opts.adapter(), overwrite=overwrite, report_path=report_path, quiet=quiet)
+        if not quiet:
+            print_summary(res)
+        return res
+    if kind == "checkpoint":
+        from .convert_checkpoint import convert_checkpoint
+
+        to = opts.to
+        if to not in CHECKPOINT_TARGETS:
+            raise BadInput(path, f"this is a checkpoint; --to {to} is not a checkpoint target",
+                           hint="use --to diffusers or --to single-file")
+        return convert_checkpoint(path, output, opts, overwrite=overwrite, quiet=quiet)
+    from .convert_embedding import convert_embedding
+
+    if opts.to not in EMBEDDING_TARGETS:
+        raise BadInput(path, f"this is an embedding; --to {opts.to} is not an embedding target",
+                       hint=f"use one of {', '.join(EMBEDDING_TARGETS)}")
+    res = convert_embedding(path, output, opts, overwrite=overwrite)
+    if not quiet:
+        print(f"lycotools: wrote {res['output']} ({res['format']}, token {res['token']!r}, {res['vectors']} vector(s))",
+              file=sys.stderr)
+    return res
