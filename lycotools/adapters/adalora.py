@@ -45,8 +45,10 @@ def weight_shape_hint(t) -> tuple:
 
 
 def delta(t, scale: float, weight_shape=None, base_weight=None) -> torch.Tensor:
-    a = flat(t["lora_A"]) * f32(t["lora_E"]).reshape(-1, 1)
-    d = (flat(t["lora_B"]) @ a).reshape(t["lora_B"].shape[0], *t["lora_A"].shape[1:])
+    A, B = t["lora_A"], t["lora_B"]
+    # every triplet may have been pruned (rank 0): then ΔW is zero
+    a = f32(A).reshape(A.shape[0], *A.shape[1:]).flatten(1) * f32(t["lora_E"]).reshape(-1, 1)
+    d = (f32(B).reshape(B.shape[0], -1) @ a).reshape(t["lora_B"].shape[0], *t["lora_A"].shape[1:])
     return reshape_to(d * scale, weight_shape)
 
 

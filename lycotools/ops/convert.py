@@ -58,11 +58,12 @@ def input_kind(path) -> str:
             return "adapter"
         if detect_embedding(src) is not None:
             return "embedding"
-        shapes = src.shapes()
-        if detect_checkpoint(shapes).arch != "unknown":
-            return "checkpoint"
-        if group_keys(src.keys()).modules:
+        groups = group_keys(src.keys())
+        n_adapter = sum(len(s) for s in groups.modules.values())
+        if groups.modules and n_adapter >= len(groups.leftovers):
             return "adapter"
+        if detect_checkpoint(src.shapes()).arch != "unknown":
+            return "checkpoint"
     finally:
         src.close()
     raise BadInput(p, "not an adapter, checkpoint or embedding that lycotools can convert")

@@ -551,7 +551,9 @@ def _write_diffusers(af, outs, arch, index, output, opts, overwrite, input_path,
         cfg.pop("peft_type")
         for k, v in cfg.items():
             flat_cfg[f"{comp}.{k}"] = v
-    meta = {"format": "pt", "lora_adapter_metadata": json.dumps(flat_cfg, indent=2, sort_keys=True)}
+    meta = {"format": "pt"}
+    if not opts.fold_alpha:  # folded: alpha = rank everywhere, which is what loaders assume without metadata
+        meta["lora_adapter_metadata"] = json.dumps(flat_cfg, indent=2, sort_keys=True)
     meta.update({k: v for k, v in _kept_metadata(af.source.metadata).items() if k.startswith(("ss_", "modelspec."))})
     meta.update(modelspec(arch, "lora", output.stem, no_date=opts.no_date))
     meta.update(_record(opts, input_path, result))

@@ -18,7 +18,7 @@ the input's rank reproduces ΔW to fp32 rounding; a lower rank k gives the best 
 
 Rank rules (``--mode``), with S sorted descending and ``n = len(S)``:
 
-* ``ratio t``: keep every S_i > S_0 / t (so S_0/S_{k-1} ≤ t... the kept set is exactly those above).
+* ``ratio t``: keep every S_i > S_0 / t (the largest kept value is at most t times the smallest).
 * ``cumulative t``: the smallest k with Σ_{i<k} S_i ≥ t·Σ S (fraction of the nuclear norm).
 * ``fro t``: the smallest k with sqrt(Σ_{i<k} S_i² / Σ S²) ≥ t (fraction of the Frobenius norm).
 * ``energy t``: the smallest k with Σ_{i<k} S_i² ≥ t·‖ΔW‖_F² (fraction of the energy, = fro √t).
@@ -299,6 +299,8 @@ def read_layers(path, opts: PruneOptions, quiet: bool = True):
         else:
             out_name = None
         prunable = mod is not None and mod.algo in PRUNABLE and not mod.has_dora
+        if prunable and mod.rank == 0:  # AdaLoRA modules pruned to nothing: ΔW = 0
+            continue
         if prunable:
             shape = _weight_shape(lm)
             if out_name is None or shape is None:

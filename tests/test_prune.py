@@ -1,0 +1,328 @@
+"""rank-prune: exact SVD forms, rank rules, the global budget, outputs that load, and the sensitivity score."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from lycotools.adapter_file import AdapterFile
+from lycotools.io.readers import open_source
+from lycotools.linalg import exact_svd, relative_error
+from lycotools.ops.inspect import guess_adapter_arch
+from lycotools.ops.prune import (Layer, PruneOptions, choose_ranks, kohya_rank_for_mode, measure_normalisations,
+                                 prune, rank_for_mode, read_layers)
+
+FIX = Path(__file__).resolve().parent.parent / "fixtures"
+AD = FIX / "adapters"
+SD1_BASE = FIX / "sd1" / "base.safetensors"
+
+
+def _deltas(path, base=None):
+    """{(component, module): ΔW in the target's shape} of any adapter, through AdapterFile."""
+    af = AdapterFile.open(path)
+    if base is not None:
+        from lycotools.layouts.model_index import ModelIndex
+
+        idx = ModelIndex.from_source(open_source(base))
+    else:
+        _, idx, _ = guess_adapter_arch(af)
+    af.resolve(idx)
+    out = {}
+    for lm in af.parsed:
+        if lm.module.rank == 0:
+            continue
+        layer_shape = _shape(lm)
+        out[(lm.target.component, lm.target.module)] = lm.module.delta(layer_shape)
+    return out
+
+
+def _shape(lm):
+    from lycotools.ops.prune import _weight_shape
+
+    return _weight_shape(lm)
+
+
+def _opts(**kw):
+    kw.setdefault("dtype", "fp32")
+    kw.setdefault("no_date", True)
+    return PruneOptions(**kw)
+
+
+# ------------------------------------------------------------------------------------------------ exactness
+
+LORA_LIKE = ["sd1_kohya_lora.safetensors", "sd1_kohya_locon.safetensors", "sd1_comfy_lora.safetensors",
+             "sd1_diffusers_lora.safetensors", "sd1_diffusers_old.safetensors", "sd1_lycoris_prefix.safetensors",
+             "sd1_ldm_named_lora.safetensors", "sd1_peft", "sdxl_kohya_locon.safetensors"]
+OTHER = ["sd1_loha.safetensors", "sd1_loha_tucker.safetensors", "sd1_lokr.safetensors", "sd1_lokr_tucker.safetensors",
+         "sd1_locon_tucker.safetensors", "sd1_sparse_bias.safetensors", "sd1_full.safetensors", "sd1_peft_adalora"]
+
+
+@pytest.mark.parametrize("name", LORA_LIKE + OTHER)
+def test_rank_at_least_input_reproduces_delta(tmp_path, name):
+    out = tmp_path / "o.safetensors"
+    prune(AD / name, out, _opts(rank=4096), quiet=True)
+    want, got = _deltas(AD / name), _deltas(out)
+    src = AdapterFile.open(AD / name)
+    prunable = {k for k in want if not (name == "sd1_full.safetensors" and want[k].dim() == 1)}
+    assert prunable <= set(got), sorted(prunable - set(got))[:3]
+    for k in prunable:
+        assert got[k].shape == want[k].shape, k
+        assert relative_error(want[k], got[k]) < 2e-6, (k, relative_error(want[k], got[k]))
+    keys = load_file(str(out)).keys()
+    assert all(k.startswith(("lora_unet_", "lora_te", "lycoris_")) for k in keys)
+    if src.convention in ("kohya", "lycoris"):  # kohya names are kept as they are
+        assert {k.split(".")[0] for k in keys} <= set(src.groups.modules)
+
+
+@pytest.mark.parametrize("name", ["sd1_kohya_locon.safetensors", "sd1_loha.safetensors", "sd1_peft_adalora"])
+def test_lower_rank_is_the_best_rank_k_approximation(tmp_path, name):
+    out = tmp_path / "o.safetensors"
+    prune(AD / name, out, _opts(rank=2), quiet=True)
+    want, got = _deltas(AD / name), _deltas(out)
+    for k, d in want.items():
+        M = d.reshape(d.shape[0], -1)
+        s = exact_svd(M)
+        r = min(2, int((s.S > s.S[0] * 1e-6).sum()))
+        best = (s.U[:, :r] * s.S[:r]) @ s.Vh[:r]
+        g = got[k].reshape(M.shape)
+        assert float((g - best).norm()) <= 1e-5 * float(M.norm()) + 1e-7, k
+        # the error is exactly the dropped tail (Eckart–Young)
+        assert abs(float((M - g).norm() ** 2) - float(s.S[r:].double().square().sum())) < 1e-4 * float(M.norm() ** 2) + 1e-9
+
+
+def test_written_alpha_keeps_the_effective_scale(tmp_path):
+    out = tmp_path / "o.safetensors"
+    prune(AD / "sd1_kohya_lora.safetensors", out, _opts(rank=3), quiet=True)
+    sd = load_file(str(out))
+    for k, v in sd.items():
+        if k.endswith(".alpha"):
+            r = sd[k.replace(".alpha", ".lora_down.weight")].shape[0]
+            assert float(v) == r  # scale 1; the old alpha/rank lives in lora_up
+    conv = [k for k in sd if k.endswith("lora_down.weight") and sd[k].dim() == 4]
+    for k in conv:
+        assert sd[k.replace("lora_down", "lora_up")].dim() == 4
+
+
+# ------------------------------------------------------------------------------------------------ rank rules
+
+
+def test_modes_smallest_rank_and_kohya_off_by_one():
+    S = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5, 0.25])
+    tot = float(S.square().sum())
+    # energy: the smallest k with Σ S² ≥ t·total
+    for t in (0.5, 0.8, 0.95, 0.99, 1.0):
+        k = rank_for_mode(S, "energy", t)
+        assert float(S[:k].square().sum()) >= t * tot - 1e-9
+        assert k == 1 or float(S[: k - 1].square().sum()) < t * tot
+    assert rank_for_mode(S, "fro", 0.9) == rank_for_mode(S, "energy", 0.81)
+    assert rank_for_mode(S, "ratio", 4.5) == 3  # 8, 4, 2 > 8/4.5
+    assert rank_for_mode(S, "cumulative", 12 / 15.75) == 2
+    # kohya gives one more than the minimal count (and never fewer than 2)
+    assert kohya_rank_for_mode(S, "fro", 0.9) == rank_for_mode(S, "fro", 0.9) + 1
+    assert kohya_rank_for_mode(S, "cumulative", 0.9) == rank_for_mode(S, "cumulative", 0.9) + 1
+    assert kohya_rank_for_mode(S, "ratio", 4.5) == rank_for_mode(S, "ratio", 4.5) + 1
+    assert kohya_rank_for_mode(S, "fro", 0.5) == 2 and rank_for_mode(S, "fro", 0.5) == 1
+
+
+def test_mode_min_max_rank(tmp_path):
+    out = tmp_path / "o.safetensors"
+    res = prune(AD / "sd1_kohya_locon.safetensors", out, _opts(mode="energy", mode_param=0.9, min_rank=2, max_rank=3),
+                quiet=True)
+    for l in res.layers:
+        want = rank_for_mode(l.spectrum, "energy", 0.9, l.svd.total_energy)
+        assert l.new_rank == max(2, min(3, want, l.svd.S.numel()))
+
+
+# ------------------------------------------------------------------------------------------------ budget
+
+
+@pytest.mark.parametrize("budget", ["1000", "2k", "0.25", "0.6", "4KB"])
+def test_budget_never_exceeded(tmp_path, budget):
+    out = tmp_path / "o.safetensors"
+    res = prune(AD / "sd1_kohya_locon.safetensors", out, _opts(budget=budget), quiet=True)
+    stored = sum(v.numel() for k, v in load_file(str(out)).items() if not k.endswith(".alpha"))
+    assert res.params_after == stored
+    assert stored <= res.budget
+    assert res.budget - stored < max(l.cost_per_rank for l in res.layers)  # and it is spent
+
+
+def test_budget_counts_modules_copied_unchanged(tmp_path):
+    # sd1_dora: DoRA modules cannot be pruned and are copied; the budget covers them too
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(Exception):
+        prune(AD / "sd1_ia3.safetensors", out, _opts(budget="0.5"), quiet=True)
+    res = prune(AD / "sd1_full.safetensors", out, _opts(budget="0.3"), quiet=True)
+    stored = sum(v.numel() for k, v in load_file(str(out)).items() if not k.endswith(".alpha"))
+    assert stored <= res.budget and res.fixed_params > 0
+
+
+# at equal parameter count the global spectral allocation keeps at least as much energy as the best
+# uniform rank; (fixture, uniform rank, energy kept by uniform, energy kept by spectral) measured once
+SPECTRAL_VS_UNIFORM = [
+    ("sd1_kohya_locon.safetensors", 1, 0.474, 0.594),
+    ("sd1_kohya_locon.safetensors", 2, 0.786, 0.868),
+    ("sd1_peft", 1, 0.516, 0.637),
+    ("sd1_diffusers_lora.safetensors", 2, 0.796, 0.815),
+    ("sd1_loha.safetensors", 2, 0.607, 0.729),
+]
+
+
+@pytest.mark.parametrize("name,r,uni,spec", SPECTRAL_VS_UNIFORM)
+def test_global_spectral_beats_best_uniform(tmp_path, name, r, uni, spec):
+    _, _, layers, _, _, _ = read_layers(AD / name, _opts(rank=1))
+    choose_ranks(layers, _opts(rank=r))
+    params = sum(l.new_rank * l.cost_per_rank for l in layers)
+    total = sum(l.svd.total_energy for l in layers)
+    kept_uniform = sum(l.svd.total_energy * l.kept_energy() for l in layers) / total
+    choose_ranks(layers, _opts(budget=str(params)), params)
+    assert sum(l.new_rank * l.cost_per_rank for l in layers) <= params
+    kept_spectral = sum(l.svd.total_energy * l.kept_energy() for l in layers) / total
+    assert kept_spectral >= kept_uniform - 1e-9
+    assert kept_uniform == pytest.approx(uni, abs=2e-3)
+    assert kept_spectral == pytest.approx(spec, abs=2e-3)
+
+
+def _known_delta_layers(arch):
+    base = load_file(str(FIX / arch / "base.safetensors"))
+    tuned = load_file(str(FIX / arch / "tuned.safetensors"))
+    known = json.loads((FIX / arch / "deltas.json").read_text())
+    layers = []
+    for k in known:
+        D = tuned[k].float() - base[k].float()
+        layers.append(Layer(k, k, None, k, tuple(D.shape), "full", None, D.numel(), exact_svd(D.reshape(D.shape[0], -1))))
+    return layers
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_energy_per_parameter_normalisation_wins_on_known_deltas(arch):
+    table = measure_normalisations(_known_delta_layers(arch))
+    for ratio, row in table.items():
+        for norm in ("relative", "unpriced", "nuclear"):
+            assert row["energy"]["lost"] <= row[norm]["lost"] + 1e-9, (ratio, norm, row)
+            assert row[norm]["params"] <= row["budget"]
+        if row["uniform"]:
+            assert row["energy"]["lost"] <= row["uniform"]["lost"] + 1e-9
+    if arch == "sd1":
+        assert table[0.3]["energy"]["lost"] == pytest.approx(0.4172, abs=2e-3)
+        assert table[0.3]["relative"]["lost"] == pytest.approx(0.4564, abs=2e-3)
+
+
+# ------------------------------------------------------------------------------------------------ consumers
+
+
+def test_output_loads_in_lycoris_and_matches_our_delta(tmp_path):
+    lm_mod = pytest.importorskip("lycoris.modules")
+    out = tmp_path / "o.safetensors"
+    prune(AD / "sd1_loha.safetensors", out, _opts(budget="0.5"), quiet=True)
+    sd = load_file(str(out))
+    ours = {lm.name: lm.module for lm in AdapterFile.open(out).parsed}
+    names = {k.split(".")[0] for k in sd}
+    checked = 0
+    torch.manual_seed(0)
+    for n in sorted(names):
+        up, down, alpha = sd[f"{n}.lora_up.weight"], sd[f"{n}.lora_down.weight"], sd[f"{n}.alpha"]
+        if down.dim() == 2:
+            orig = torch.nn.Linear(down.shape[1], up.shape[0], bias=False)
+        else:
+            orig = torch.nn.Conv2d(down.shape[1], up.shape[0], down.shape[2:], padding=down.shape[2] // 2, bias=False)
+        W = orig.weight.detach().clone()
+        mod = lm_mod.LoConModule.make_module_from_state_dict("m", orig, up, down, None, alpha, None)
+        mod.apply_to()
+        x = torch.randn(3, W.shape[1]) if W.dim() == 2 else torch.randn(2, W.shape[1], 5, 5)
+        with torch.no_grad():
+            y = orig(x)
+            W2 = W + ours[n].delta(tuple(W.shape))
+            y2 = F.linear(x, W2) if W.dim() == 2 else F.conv2d(x, W2, padding=W.shape[2] // 2)
+        assert torch.allclose(y, y2, rtol=1e-4, atol=1e-5), n
+        checked += 1
+    assert checked >= 5
+
+
+def test_output_loads_in_diffusers_and_fuses_to_our_delta(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    out = tmp_path / "o.safetensors"
+    prune(AD / "sd1_peft", out, _opts(budget="0.5"), quiet=True)
+    want = _deltas(out, SD1_BASE)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(FIX / "sd1/diffusers", safety_checker=None,
+                                                             local_files_only=True)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    before_te = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
+    pipe.load_lora_weights(str(out))
+    pipe.fuse_lora()
+    after = {k.replace(".base_layer", ""): v for k, v in pipe.unet.state_dict().items() if "lora" not in k}
+    after_te = {k.replace(".base_layer", ""): v for k, v in pipe.text_encoder.state_dict().items() if "lora" not in k}
+    checked = 0
+    for (comp, module), d in want.items():
+        key = module + ".weight"
+        if comp == "unet":
+            got = after[key] - before[key]
+        else:
+            k2 = key if key in before_te else key.replace("text_model.", "", 1)
+            got = after_te[k2] - before_te[k2]
+        assert relative_error(d, got.float().reshape(d.shape)) < 1e-4, (comp, module)
+        checked += 1
+    assert checked == len(want) and checked > 50
+
+
+# ------------------------------------------------------------------------------------------------ CLI, metadata, report
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "lycotools.cli", "rank-prune", *map(str, args)],
+                          capture_output=True, text=True)
+
+
+def test_cli_report_metadata_and_determinism(tmp_path):
+    a, b, rep = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "r.json"
+    r = _cli(AD / "sd1_kohya_locon.safetensors", "-o", a, "--budget", "0.5", "--no-date", "--report", rep, "-q")
+    assert r.returncode == 0, r.stderr
+    r = _cli(AD / "sd1_kohya_locon.safetensors", "-o", b, "--budget", "0.5", "--no-date", "-q")
+    assert r.returncode == 0, r.stderr
+    assert a.read_bytes() == b.read_bytes()
+    meta = open_source(a).metadata
+    ranks = json.loads(meta["lycotools.rank_prune.ranks"])
+    assert meta["lycotools.rank_prune.score"] == "spectral"
+    assert json.loads(meta["lycotools.rank_prune.budget"])["asked"] == "0.5"
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "Dynamic"
+    assert "sshs_model_hash" in meta
+    doc = json.loads(rep.read_text())
+    assert {l["name"]: l["rank_after"] for l in doc["layers"]} == ranks
+    assert all({"rank_before", "rank_after", "energy_kept", "block"} <= set(l) for l in doc["layers"])
+    assert doc["params_after"] <= doc["how"]["budget_params"]
+
+
+def test_cli_errors_and_help(tmp_path):
+    r = _cli("--help")
+    assert r.returncode == 0 and "Example" in r.stdout and "off-by-one" in r.stdout
+    r = _cli(AD / "sd1_kohya_lora.safetensors", "-o", tmp_path / "x.safetensors")
+    assert r.returncode == 2 and "exactly one of --rank, --mode or --budget" in r.stderr
+    r = _cli(AD / "sd1_kohya_lora.safetensors", "-o", tmp_path / "x.safetensors", "--mode", "fro")
+    assert r.returncode == 2 and "--mode-param" in r.stderr
+    r = _cli(tmp_path / "missing.safetensors", "-o", tmp_path / "x.safetensors", "--rank", "2")
+    assert r.returncode == 2 and r.stderr.startswith("lycotools: error:")
+    r = _cli(FIX / "bad" / "not_a_model.safetensors", "-o", tmp_path / "x.safetensors", "--rank", "2")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        r = _cli(AD / "sd1_kohya_lora.safetensors", "-o", tmp_path / "x.safetensors", "--rank", "2", "--plot",
+                 tmp_path / "p.png")
+        assert r.returncode == 2 and "matplotlib" in r.stderr and not (tmp_path / "x.safetensors").exists()
+
+
+def test_cli_batch(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for n in ("sd1_kohya_lora.safetensors", "sd1_loha.safetensors"):
+        (src / n).write_bytes((AD / n).read_bytes())
+    r = _cli(src, "-o", tmp_path / "out", "--rank", "2", "-q")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["sd1_kohya_lora.safetensors", "sd1_loha.safetensors"]
