@@ -305,6 +305,7 @@ def test_algo_lora_full_rank_is_exact_and_loads_in_diffusers(tmp_path, name, sd1
     out = tmp_path / "lora.safetensors"
     rep = tmp_path / "rep.json"
     res = run(AD / name, "--to", "diffusers", "--algo", "lora", "--rank", "64", "-o", out, "--report", rep,
+              "--base", FIX / "sd1" / "base.safetensors",
               *(["--drop-unsupported"] if "full" in name else []))
     doc = json.loads(rep.read_text())
     assert doc["layers"] and all(l["algo_out"] == "lora" for l in doc["layers"])
@@ -320,7 +321,8 @@ def test_algo_lora_full_rank_is_exact_and_loads_in_diffusers(tmp_path, name, sd1
 def test_algo_lora_low_rank_reports_the_loss(tmp_path):
     out = tmp_path / "lora.safetensors"
     rep = tmp_path / "rep.json"
-    res = run(AD / "sd1_loha.safetensors", "--to", "kohya", "--algo", "lora", "--rank", "1", "-o", out, "--report", rep)
+    res = run(AD / "sd1_loha.safetensors", "--to", "kohya", "--algo", "lora", "--rank", "1", "-o", out, "--report", rep,
+              "--base", FIX / "sd1" / "base.safetensors")
     doc = json.loads(rep.read_text())
     assert doc["lossy_layers"] > 0 and doc["worst_rel_error"] > 0.01
     assert "lossy" in res.output
@@ -399,3 +401,107 @@ def test_trained_peft_adalora_to_kohya_matches_peft(tmp_path, sd1_pipe):
         assert torch.allclose(got[key], d.reshape(got[key].shape), atol=1e-6, rtol=1e-3), name
         n += 1
     assert n
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints
+# ------------------------------------------------------------------------------------------------
+
+
+def _unet_out(unet):
+    g = torch.Generator().manual_seed(0)
+    cfg = unet.config
+    x = torch.randn(1, cfg.in_channels, 8, 8, generator=g)
+    ctx = torch.randn(1, 3, cfg.cross_attention_dim, generator=g)
+    kw = {}
+    if cfg.addition_embed_type == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pooled, generator=g),
+                                   "time_ids": torch.tensor([[8.0, 8.0, 0.0, 0.0, 8.0, 8.0]])}
+    with torch.no_grad():
+        return unet(x, torch.tensor([10]), encoder_hidden_states=ctx, **kw).sample
+
+
+def test_sd1_single_file_diffusers_round_trip_and_pipeline(tmp_path, sd1_pipe):
+    from diffusers import StableDiffusionPipeline
+
+    src = FIX / "sd1" / "base.safetensors"
+    folder = tmp_path / "sd1_diffusers"
+    run(src, "--to", "diffusers", "-o", folder, "--config", SD1_PIPE)
+    back = tmp_path / "back.safetensors"
+    run(folder, "--to", "single-file", "-o", back, "--no-date")
+    a, b = raw(src), raw(back)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
+    assert torch.equal(_unet_out(pipe.unet), _unet_out(sd1_pipe.unet))
+    for comp in ("vae", "text_encoder"):
+        ref = getattr(sd1_pipe, comp).state_dict()
+        got = getattr(pipe, comp).state_dict()
+        assert sorted(ref) == sorted(got) and all(torch.equal(ref[k], got[k]) for k in ref), comp
+    ids = pipe.tokenizer(["a photo"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(pipe.text_encoder(ids)[0], sd1_pipe.text_encoder(ids)[0])
+
+
+def test_sdxl_single_file_diffusers_round_trip_and_unet_output(tmp_path):
+    import importlib.util
+
+    from diffusers import UNet2DConditionModel
+
+    src = FIX / "sdxl" / "base.safetensors"
+    inferred = tmp_path / "inferred"
+    res = run(src, "--to", "diffusers", "-o", inferred)
+    assert "inferred from shapes" in res.output
+    back = tmp_path / "back.safetensors"
+    run(inferred, "--to", "single-file", "-o", back)
+    a, b = raw(src), raw(back)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    # the fixture's true UNet config (head counts cannot be read from shapes) as --config
+    spec = importlib.util.spec_from_file_location("make_fixtures", FIX / "make_fixtures.py")
+    mf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mf)
+    UNet2DConditionModel(**mf.SDXL_UNET).save_config(str(inferred / "unet"))
+    exact = tmp_path / "exact"
+    run(src, "--to", "diffusers", "-o", exact, "--config", inferred)
+    unet = UNet2DConditionModel.from_pretrained(str(exact / "unet"))
+    ref = UNet2DConditionModel(**mf.SDXL_UNET)
+    from lycotools.layouts.checkpoint import single_to_diffusers_state_dicts
+
+    ref.load_state_dict(single_to_diffusers_state_dicts(a, "sdxl")["unet"])
+    ref_out = _unet_out(ref)
+    assert torch.equal(_unet_out(unet), ref_out)
+    # diffusers' own single-file loader on our single file, with the local config, agrees too
+    ref2 = UNet2DConditionModel.from_single_file(str(back), config=str(exact), subfolder="unet")
+    assert torch.equal(_unet_out(ref2), ref_out)
+
+
+def test_checkpoint_dtype_prune_and_pickle(tmp_path):
+    from safetensors.torch import save_file
+
+    base = raw(FIX / "sd1" / "base.safetensors")
+    out = tmp_path / "p.safetensors"
+    run(FIX / "sd1" / "base_pickle.ckpt", "--to", "single-file", "-o", out)
+    got = raw(out)
+    assert sorted(got) == sorted(base) and all(torch.equal(got[k], base[k]) for k in base)
+    dirty = dict(base, **{"model_ema.decay": torch.tensor(0.999), "alphas_cumprod": torch.rand(1000),
+                          "model_ema.diffusion_modelinput_blocks00weight": torch.rand(3)})
+    save_file(dirty, str(tmp_path / "dirty.safetensors"))
+    half = tmp_path / "half.safetensors"
+    run(tmp_path / "dirty.safetensors", "--to", "single-file", "--prune", "--dtype", "fp16", "-o", half)
+    got = raw(half)
+    assert sorted(got) == sorted(base)
+    for k, t in base.items():
+        assert torch.equal(got[k], t.half() if t.is_floating_point() else t), k
+    f8 = tmp_path / "f8"
+    run(FIX / "sd1" / "base.safetensors", "--to", "diffusers", "--dtype", "fp8_e4m3fn", "-o", f8, "--config", SD1_PIPE)
+    u = raw(f8 / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {t.dtype for t in u.values()} == {torch.float8_e4m3fn}
+
+
+def test_checkpoint_refusals(tmp_path):
+    res = run(FIX / "sd1" / "base.safetensors", "--to", "kohya", "-o", tmp_path / "x.safetensors", code=2)
+    assert "checkpoint" in res.output
+    res = run(FIX / "sdxl" / "base.safetensors", "--to", "diffusers", "-o", tmp_path / "y", "--config", SD1_PIPE, code=2)
+    assert not (tmp_path / "y").exists() and [p for p in tmp_path.iterdir()] == []

@@ -337,14 +337,21 @@ def test_diffusers_fuse_lora_and_from_single_file(tmp_path):
     pipe.set_adapters(pipe.get_active_adapters(), adapter_weights=[RATIO])
     with torch.no_grad():
         live = pipe.unet(x, 10, encoder_hidden_states=enc).sample
+    pipe.set_adapters(pipe.get_active_adapters(), adapter_weights=[1.0])
     pipe.fuse_lora(lora_scale=RATIO)
     fused_unet = _strip_peft(pipe.unet.state_dict())
     fused_te = ckpt.canonical_te_state(_strip_peft(pipe.text_encoder.state_dict()))
     for k, v in fused_unet.items():
         torch.testing.assert_close(ours["unet"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    # diffusers 0.42 + transformers 5 drop the CLIP attention (q/k/v/out) LoRA modules of a kohya file
+    # (renamed to `to_q_lora`, reported UNEXPECTED): compare the TE weights diffusers did change (MLP).
+    base_te = ckpt.single_to_diffusers_state_dicts(load_file(SD1), "sd1")["text_encoder"]
+    changed = 0
     for k, v in fused_te.items():
-        if k in ours["text_encoder"]:
+        if k in base_te and not torch.equal(v, base_te[k]):
             torch.testing.assert_close(ours["text_encoder"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+            changed += 1
+    assert changed >= 1
     # and the merged single file loads in diffusers and gives the live-adapter output
     unet = diffusers.UNet2DConditionModel.from_single_file(str(out), config=str(FIX / "sd1" / "diffusers"),
                                                            subfolder="unet")
@@ -362,7 +369,8 @@ def test_diffusers_fuse_lora_and_from_single_file(tmp_path):
 
 def _deltas(path, index, ratio=1.0):
     af = AdapterFile.open(path).resolve(index)
-    return {(lm.target.component, lm.target.module): ratio * lm.module.delta(lm.target.shape) for lm in af.parsed}
+    return {(lm.target.component, lm.target.module):
+            ratio * lm.module.delta(M._group_shape([(lm.module, ratio, path)], lm.target.shape)) for lm in af.parsed}
 
 
 def _out_deltas(path, index):
@@ -410,7 +418,8 @@ def test_svd_merge_is_best_rank_n(tmp_path):
         got = torch.linalg.svdvals(v.reshape(v.shape[0], -1).double())
         n = min(N, S.numel())
         torch.testing.assert_close(got[:n], S[:n], rtol=1e-4, atol=1e-6)
-        assert float(got[n:].abs().max(initial=0)) < 1e-5
+        if got.numel() > n:
+            assert float(got[n:].abs().max()) < 1e-5
     assert max(res.ranks.values()) <= N
 
 
@@ -450,8 +459,9 @@ def test_model_merges(tmp_path, sd1_base):
         if v.is_floating_point():
             torch.testing.assert_close(o[k], t[k].float() + 0.5 * (t[k].float() - v.float()))
     # DARE: seeded and deterministic; drop_rate 0 is the plain sum of deltas
-    d1, d2 = tmp_path / "d1.safetensors", tmp_path / "d2.safetensors"
+    d1, d2 = tmp_path / "1" / "d.safetensors", tmp_path / "2" / "d.safetensors"
     for p in (d1, d2):
+        p.parent.mkdir()
         M.merge_models([str(SD1), str(tuned)], p, M.ModelMergeOptions("dare", alpha=1.0, drop_rate=0.5, seed=3,
                                                                       no_date=True), quiet=True)
     assert d1.read_bytes() == d2.read_bytes()

@@ -105,7 +105,13 @@ def test_written_alpha_keeps_the_effective_scale(tmp_path):
     for k, v in sd.items():
         if k.endswith(".alpha"):
             r = sd[k.replace(".alpha", ".lora_down.weight")].shape[0]
-            assert float(v) == r  # scale 1; the old alpha/rank lives in lora_up
+            assert float(v) == r == 3  # scale 1; the old alpha/rank lives in lora_up
+    out2 = tmp_path / "o2.safetensors"
+    prune(AD / "sd1_kohya_locon.safetensors", out2, _opts(budget="0.5"), quiet=True)
+    sd = load_file(str(out2))
+    ranks = {sd[k].shape[0] for k in sd if k.endswith("lora_down.weight")}
+    assert len(ranks) > 1  # dynamic ranks, one alpha (diffusers' alpha_pattern bug, see ops/prune.py)
+    assert {float(v) for k, v in sd.items() if k.endswith(".alpha")} == {float(max(ranks))}
     conv = [k for k in sd if k.endswith("lora_down.weight") and sd[k].dim() == 4]
     for k in conv:
         assert sd[k.replace("lora_down", "lora_up")].dim() == 4
@@ -167,11 +173,11 @@ def test_budget_counts_modules_copied_unchanged(tmp_path):
 # at equal parameter count the global spectral allocation keeps at least as much energy as the best
 # uniform rank; (fixture, uniform rank, energy kept by uniform, energy kept by spectral) measured once
 SPECTRAL_VS_UNIFORM = [
-    ("sd1_kohya_locon.safetensors", 1, 0.474, 0.594),
-    ("sd1_kohya_locon.safetensors", 2, 0.786, 0.868),
-    ("sd1_peft", 1, 0.516, 0.637),
-    ("sd1_diffusers_lora.safetensors", 2, 0.796, 0.815),
-    ("sd1_loha.safetensors", 2, 0.607, 0.729),
+    ("sd1_kohya_locon.safetensors", 1, 0.4740, 0.6837),
+    ("sd1_kohya_locon.safetensors", 2, 0.7858, 0.9094),
+    ("sd1_peft", 1, 0.5163, 0.7864),
+    ("sd1_diffusers_lora.safetensors", 2, 0.7958, 0.8146),
+    ("sd1_loha.safetensors", 2, 0.6066, 0.7011),
 ]
 
 
@@ -281,7 +287,9 @@ def _cli(*args):
 
 
 def test_cli_report_metadata_and_determinism(tmp_path):
-    a, b, rep = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "r.json"
+    (tmp_path / "1").mkdir()
+    (tmp_path / "2").mkdir()
+    a, b, rep = tmp_path / "1" / "a.safetensors", tmp_path / "2" / "a.safetensors", tmp_path / "r.json"
     r = _cli(AD / "sd1_kohya_locon.safetensors", "-o", a, "--budget", "0.5", "--no-date", "--report", rep, "-q")
     assert r.returncode == 0, r.stderr
     r = _cli(AD / "sd1_kohya_locon.safetensors", "-o", b, "--budget", "0.5", "--no-date", "-q")

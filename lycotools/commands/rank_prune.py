@@ -11,8 +11,9 @@ HELP = """Shrink adapters to a uniform rank, a per-layer rule or a global parame
 \b
 Every module's ΔW is put in exact SVD form (LoRA/LoCon/AdaLoRA without forming the out×in
 matrix: QR of both factors and an SVD of the r×r core; LoHa, LoKr, Tucker and full diffs are
-materialised) and written back as a kohya LoRA/LoCon with alpha = rank and the old scale in
-the factors, so every layer keeps its effective strength. A rank ≥ the input's reproduces ΔW.
+materialised) and written back as a kohya LoRA/LoCon with one alpha (the largest new rank)
+and each layer's old scale folded into its factors, so every layer keeps its effective
+strength. A rank ≥ the input's reproduces ΔW to fp32 rounding.
 
 \b
 --mode uses kohya resize_lora's quantities without its off-by-one: ratio t keeps every

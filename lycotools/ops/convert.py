@@ -96,6 +96,8 @@ def convert_one(path, output, opts: ConvertOptions, *, overwrite: bool = False, 
                        hint=f"use one of {', '.join(EMBEDDING_TARGETS)}")
     res = convert_embedding(path, output, opts, overwrite=overwrite)
     if not quiet:
-        print(f"lycotools: wrote {res['output']} ({res['format']}, token {res['token']!r}, {res['vectors']} vector(s))",
-              file=sys.stderr)
+        import click
+
+        click.echo(f"lycotools: wrote {res['output']} ({res['format']}, token {res['token']!r}, "
+                   f"{res['vectors']} vector(s))", err=True)
     return res

@@ -308,7 +308,7 @@ def convert_adapter(input_path, output, opts: AdapterOptions, *, overwrite: bool
             tensors, rec = _to_lora(lm, kind, tensors, rec, opts, base_view)
             kind = "lora"
         elif kind not in HOLDS[opts.to]:
-            refused.append((lm.name, KIND_TEXT.get(kind, kind)))
+            refused.append((lm.name, f"--to {opts.to} cannot hold {KIND_TEXT.get(kind, kind)}"))
             continue
         if kind in ("lora", "dora") and "lora_up.weight" in tensors:
             tensors = _fit_lora(tensors, tgt.shape)
@@ -316,13 +316,13 @@ def convert_adapter(input_path, output, opts: AdapterOptions, *, overwrite: bool
     if refused:
         if not opts.drop_unsupported:
             what = Counter(w for _, w in refused)
-            desc = ", ".join(f"{n} {w}" for w, n in what.items())
-            raise BadInput(input_path, f"--to {opts.to} cannot hold {len(refused)} module(s) ({desc}); "
+            desc = "; ".join(f"{n}: {w}" for w, n in what.items())
+            raise BadInput(input_path, f"{len(refused)} module(s) cannot be converted ({desc}); "
                            f"first: {refused[0][0]}; nothing written",
                            hint="use --algo lora --rank N to turn them into plain LoRA by SVD, "
                                 "--to lycoris to keep them, or --drop-unsupported to leave them out")
         for name, why in refused:
-            result.dropped.append((name, f"--to {opts.to} cannot hold {why}"))
+            result.dropped.append((name, why))
     if not outs:
         raise BadInput(input_path, "nothing left to write")
     if opts.to == "peft":
@@ -355,6 +355,10 @@ def _to_lora(lm, kind, tensors, rec: LayerRecord, opts: AdapterOptions, base_vie
     """Plain LoRA of the module's effective ΔW by SVD (exact for small layers), the error reported."""
     mod, tgt = lm.module, lm.target
     shape = tuple(tgt.shape)
+    hint = mod.weight_shape_hint() if rec.algo_in != "adalora" else None
+    if hint is not None and math.prod(hint) != math.prod(shape):
+        raise BadInput(lm.name, f"this module builds a {list(hint)} ΔW but the {tgt.component} layer {tgt.module} of a "
+                       f"standard model is {list(shape)}", hint="pass --base CHECKPOINT (the model the adapter is for)")
     if kind in _NEEDS_BASE:
         w = base_view.get(tgt.component, tgt.module + ".weight").float()
         bias = None
@@ -542,8 +546,11 @@ def _write_diffusers(af, outs, arch, index, output, opts, overwrite, input_path,
             o.record.note = (o.record.note + "; " if o.record.note else "") + f"alpha/r = {s:g} folded into lora_up"
         name = f"{tgt.component}.{tgt.module}"
         o.record.name = name
-        sd[f"{name}.lora_A.weight"] = _cast(down, "lora_down.weight", opts)
-        sd[f"{name}.lora_B.weight"] = _cast(up, "lora_up.weight", opts)
+        # text encoders: diffusers' own training-script form. diffusers 0.42 cannot infer the format of a TE
+        # state dict holding only PEFT-named MLP keys (lora_A) and raises; lora_linear_layer loads in every case
+        a, b = ("lora_linear_layer.down", "lora_linear_layer.up") if tgt.component in TE_COMPONENTS else ("lora_A", "lora_B")
+        sd[f"{name}.{a}.weight"] = _cast(down, "lora_down.weight", opts)
+        sd[f"{name}.{b}.weight"] = _cast(up, "lora_up.weight", opts)
         per_comp.setdefault(tgt.component, []).append((_peft_module_path(tgt), r, alpha))
     flat_cfg = {}
     for comp, entries in per_comp.items():
@@ -605,21 +612,26 @@ def _write_peft(af, outs, arch, index, output, opts, overwrite, input_path, resu
         raise
 
 
-def print_summary(result: AdapterResult, file=sys.stderr):
+def print_summary(result: AdapterResult):
+    import click
+
+    def say(line):
+        click.echo(line, err=True)
+
     n = len(result.layers)
     lossy = result.lossy_layers
-    print(f"lycotools: wrote {result.output} ({result.target}, {result.arch}, {n} modules)", file=file)
+    say(f"lycotools: wrote {result.output} ({result.target}, {result.arch}, {n} modules)")
     for c in result.lossless_changes:
-        print(f"lycotools: note: {c}", file=file)
+        say(f"lycotools: note: {c}")
     if lossy:
         worst = max(lossy, key=lambda l: l.rel_error)
-        print(f"lycotools: warning: lossy: {len(lossy)} of {n} modules changed by SVD to plain LoRA; worst relative "
-              f"ΔW error {worst.rel_error:.4g} ({worst.name}, rank {worst.rank_in} -> {worst.rank_out})", file=file)
+        say(f"lycotools: warning: lossy: {len(lossy)} of {n} modules changed by SVD to plain LoRA; worst relative "
+            f"ΔW error {worst.rel_error:.4g} ({worst.name}, rank {worst.rank_in} -> {worst.rank_out})")
         notes = [l for l in lossy if l.note]
         for l in notes[:5]:
-            print(f"lycotools: warning: {l.name}: {l.note}", file=file)
+            say(f"lycotools: warning: {l.name}: {l.note}")
     if result.dropped:
-        print(f"lycotools: warning: lossy: {len(result.dropped)} module(s) left out: "
-              + "; ".join(f"{m} ({w})" for m, w in result.dropped[:5]), file=file)
+        say(f"lycotools: warning: lossy: {len(result.dropped)} module(s) left out: "
+            + "; ".join(f"{m} ({w})" for m, w in result.dropped[:5]))
     if not lossy and not result.dropped:
-        print("lycotools: lossless: every module keeps its ΔW exactly", file=file)
+        say("lycotools: lossless: every module keeps its ΔW exactly")

@@ -566,25 +566,25 @@ def merge_adapters(specs, output, opts: AdapterMergeOptions, *, overwrite=False,
                 raise BadInput(path, f"{lm.name}: {lm.module.algo}{' (DoRA)' if lm.module.has_dora else ''} "
                                      "changes W multiplicatively and cannot be summed into a LoRA",
                                hint="bake it into the checkpoint instead")
-            why = _module_fits(lm)
-            if why:
-                raise BadInput(path, f"{lm.name}: {why}")
             key = (lm.target.component, lm.target.module)
             groups.setdefault(key, []).append((lm.module, ratio, path))
             targets[key] = lm.target
+    shapes = {}
+    for key, items in groups.items():
+        shapes[key] = _group_shape(items, tuple(targets[key].shape))
     if not groups:
         raise BadInput(specs[0][0], "no adapter module to merge")
 
     ranks_for = {}
     if opts.method == "svd" and opts.budget:
-        ranks_for = _budget_ranks(groups, targets, opts, dev)
+        ranks_for = _budget_ranks(groups, shapes, opts, dev)
 
     res = AdapterMergeResult(output=output, arch=arch)
     tensors: dict[str, torch.Tensor] = {}
     bar = tqdm(list(groups.items()), desc=f"merge {output.name}", unit="module", file=sys.stderr, disable=quiet, leave=False)
     for key, items in bar:
         t = targets[key]
-        shape = tuple(t.shape)
+        shape = shapes[key]
         ldm = None
         if t.component == "unet" and arch.startswith("sdxl"):
             km = index.single_key(t)
@@ -631,6 +631,36 @@ def merge_adapters(specs, output, opts: AdapterMergeOptions, *, overwrite=False,
     return res
 
 
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _group_shape(items, template_shape) -> tuple:
+    """The weight shape of one module from its adapters' own shapes (the model may be any size).
+
+    The standard model's shape when it fits; else the highest-rank shape the adapters give (a
+    flattened LoHa/LoKr conv takes the kernel of the standard model's layer)."""
+    hints = [(tuple(m.weight_shape_hint()), p) for m, _, p in items if m.weight_shape_hint() is not None]
+    if not hints:
+        return template_shape
+    n = _numel(hints[0][0])
+    for h, p in hints:
+        if _numel(h) != n:
+            raise BadInput(p, f"{items[0][0].name}: ΔW of shape {h} does not match {hints[0][0]} from another adapter",
+                           hint="all adapters must be for the same model")
+    if _numel(template_shape) == n:
+        return template_shape
+    best = max((h for h, _ in hints), key=len)
+    if len(best) == 2 and len(template_shape) == 4:
+        k = template_shape[2] * template_shape[3]
+        if best[1] % k == 0:
+            return (best[0], best[1] // k, *template_shape[2:])
+    return best
+
+
 def _concat(items, shape, opts, dev):
     ups, downs = [], []
     for mod, ratio, path in items:
@@ -671,11 +701,11 @@ def _svd_merge(items, shape, r, opts, dev, name):
     return up, down, err
 
 
-def _budget_ranks(groups, targets, opts, dev) -> dict[tuple, int]:
+def _budget_ranks(groups, shapes, opts, dev) -> dict[tuple, int]:
     """Ranks per (component, module) that maximise kept energy within ``--budget`` parameters."""
     layers, total = [], 0
     for key, items in groups.items():
-        shape = tuple(targets[key].shape)
+        shape = shapes[key]
         k = min(shape[0], lora_cost(shape) - shape[0])
         s, _ = _sum_svd(items, shape, dev, max(k, 1), opts.seed)
         total += sum(int(m.num_params) for m, _, _ in items)

@@ -9,8 +9,14 @@ Every module's ΔW (scale folded in) is put in exact SVD form U·diag(S)·Vh:
   weight shape (flattened conv layouts reshaped by the resolved target) and SVD'd (exact up to a
   1024-wide side, randomized ``truncated_svd`` beyond).
 
-The output is a kohya LoRA/LoCon: ``lora_up = U_k·S_k`` (carrying the old scale), ``lora_down = Vh_k``,
-``alpha = k``, so every layer's effective scale is kept whatever its new rank; conv layers are 4-D
+The output is a kohya LoRA/LoCon: ``lora_down = Vh_k``, ``lora_up = U_k·S_k·k/A`` (carrying the old
+scale) and one ``alpha = A`` for every layer, A = the largest new rank (so a uniform ``--rank k`` writes
+alpha = k, scale 1): every layer's effective scale alpha/k·up·down is kept whatever its new rank. One
+alpha for all layers rather than alpha = k per layer works around diffusers 0.42's kohya loader, which
+names SD1 attention modules' ``alpha_pattern`` entries in the old attn-procs form
+(``…attn1.processor.to_k_lora.down.weight``), so they match nothing and every attention layer gets the
+file's most common alpha; with per-layer alphas = ranks that fused ΔW off by alpha/alpha_default
+(measured 2× and 0.67×). Conv layers are 4-D
 (``up (out, k, 1, 1)``, ``down (k, in, kh, kw)``). Kohya names are kept when the input is kohya /
 LyCORIS-named, otherwise ``kohya_module_name`` of the resolved target is used. Pruning to a rank ≥
 the input's rank reproduces ΔW to fp32 rounding; a lower rank k gives the best rank-k approximation
@@ -160,9 +166,10 @@ class Layer:
         tot = self.svd.total_energy
         return 1.0 if tot <= 0 else float(self.svd.S[:r].double().square().sum()) / tot
 
-    def factors(self, r: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self, r: int | None = None, alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(up, down) of the rank-r truncation for a file alpha (consumers scale by alpha/r): up carries S·r/alpha."""
         r = self.new_rank if r is None else r
-        up = self.svd.U[:, :r] * self.svd.S[:r]
+        up = self.svd.U[:, :r] * (self.svd.S[:r] * (r / alpha if alpha else 1.0))
         down = self.svd.Vh[:r]
         if len(self.shape) > 2:
             up = up.reshape(self.shape[0], r, *([1] * (len(self.shape) - 2)))
@@ -500,14 +507,15 @@ def _write(af, path, output, res: PruneResult, passthrough, opts: PruneOptions, 
     has_conv3 = any(len(l.shape) == 4 and math.prod(l.shape[2:]) > 1 and l.new_rank for l in res.layers)
     ranks = {l.name: l.new_rank for l in res.layers}
     kept = [r for r in ranks.values() if r]
+    alpha = float(max(kept)) if kept else 1.0  # one alpha for every layer (see the module docstring)
     with SafetensorsWriter(output, {}, inputs=[path], overwrite=overwrite) as w:
         for l in res.layers:
             if l.new_rank <= 0:
                 continue
-            up, down = l.factors()
+            up, down = l.factors(alpha=alpha)
             w.add(f"{l.name}.lora_up.weight", up.to(dtype).contiguous())
             w.add(f"{l.name}.lora_down.weight", down.to(dtype).contiguous())
-            w.add(f"{l.name}.alpha", torch.tensor(float(l.new_rank), dtype=torch.float32))
+            w.add(f"{l.name}.alpha", torch.tensor(alpha, dtype=torch.float32))
         for d in passthrough.values():
             for k, t in d.items():
                 w.add(k, t.contiguous())
@@ -521,7 +529,7 @@ def _write(af, path, output, res: PruneResult, passthrough, opts: PruneOptions, 
             conv = [l.new_rank for l in res.layers if len(l.shape) == 4 and math.prod(l.shape[2:]) > 1 and l.new_rank]
             args["conv_dim"] = max(conv)
             args["conv_alpha"] = max(conv)
-        meta.update(network_metadata(arch, "networks.lora", dim, dim, args))
+        meta.update(network_metadata(arch, "networks.lora", dim, int(alpha), args))
         how = (f"rank {opts.rank}" if opts.rank else f"{opts.mode} {opts.mode_param}" if opts.mode
                else f"budget {opts.budget} ({res.budget} params, score {opts.score})")
         old = sorted({l.in_rank for l in res.layers if l.in_rank})
