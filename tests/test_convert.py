@@ -470,11 +470,14 @@ def test_sdxl_single_file_diffusers_round_trip_and_unet_output(tmp_path):
     from lycotools.layouts.checkpoint import single_to_diffusers_state_dicts
 
     ref.load_state_dict(single_to_diffusers_state_dicts(a, "sdxl")["unet"])
-    ref_out = _unet_out(ref)
-    assert torch.equal(_unet_out(unet), ref_out)
-    # diffusers' own single-file loader on our single file, with the local config, agrees too
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in unet.state_dict().items())
+    out = _unet_out(unet)
+    # same weights; CPU kernels depend on memory alignment (mmap vs fresh tensors), so outputs may differ ~1e-7
+    assert torch.allclose(out, _unet_out(ref), atol=1e-5, rtol=1e-5)
+    # diffusers' own single-file loader on our single file, with the local config: the same weights
     ref2 = UNet2DConditionModel.from_single_file(str(back), config=str(exact), subfolder="unet")
-    assert torch.equal(_unet_out(ref2), ref_out)
+    assert all(torch.equal(v, ref2.state_dict()[k]) for k, v in unet.state_dict().items())
+    assert torch.allclose(_unet_out(ref2), out, atol=1e-5, rtol=1e-5)
 
 
 def test_checkpoint_dtype_prune_and_pickle(tmp_path):
@@ -484,7 +487,8 @@ def test_checkpoint_dtype_prune_and_pickle(tmp_path):
     out = tmp_path / "p.safetensors"
     run(FIX / "sd1" / "base_pickle.ckpt", "--to", "single-file", "-o", out)
     got = raw(out)
-    assert sorted(got) == sorted(base) and all(torch.equal(got[k], base[k]) for k in base)
+    assert sorted(got) == sorted(base)  # the pickle holds base.safetensors cast to fp16
+    assert all(torch.equal(got[k], base[k].half() if base[k].is_floating_point() else base[k]) for k in base)
     dirty = dict(base, **{"model_ema.decay": torch.tensor(0.999), "alphas_cumprod": torch.rand(1000),
                           "model_ema.diffusion_modelinput_blocks00weight": torch.rand(3)})
     save_file(dirty, str(tmp_path / "dirty.safetensors"))

@@ -95,7 +95,7 @@ def test_lazy_reader_reads_on_demand(tmp_path):
     save_file({"a": torch.ones(3, 4), "b": torch.zeros(2, dtype=torch.float16)}, str(p), metadata={"k": "v"})
     src = open_source(p)
     assert src.shape("a") == (3, 4) and src.dtype("b") == torch.float16
-    assert src._handle is None  # nothing opened before a tensor is asked for
+    assert src._fh is None  # nothing read before a tensor is asked for
     assert torch.equal(src.get("a"), torch.ones(3, 4))
     assert src.metadata == {"k": "v"}
 

@@ -544,34 +544,14 @@ def merge_adapters(specs, output, opts: AdapterMergeOptions, *, overwrite=False,
     out_dtype = out_dtype_of(opts.dtype)
     output = check_output(output, [p for p, _ in specs], overwrite)
     files = [AdapterFile.open(p) for p, _ in specs]
-    from .inspect import guess_adapter_arch
-
-    arch, index, _ = guess_adapter_arch(files[0])
-    if index is None:
-        raise BadInput(specs[0][0], "cannot tell which model this adapter is for (no module matches SD1, SD2 or SDXL)")
-    # group every module by target (component, module), in adapter order
-    groups: dict[tuple, list] = {}
-    targets: dict[tuple, object] = {}
-    for (path, ratio), af in zip(specs, files):
-        af.resolve(index)
-        bad = [lm.name for lm in af.parsed if lm.target is None] + [lm.name for lm in af.errors]
-        if bad and not opts.allow_partial:
-            raise BadInput(path, f"{len(bad)} of {len(af.modules)} modules match no {arch} module "
-                                 f"(first: {', '.join(bad[:3])})",
-                           hint="all adapters must be for the same model; --allow-partial skips them")
-        for lm in af.parsed:
-            if lm.target is None:
-                continue
-            if lm.module.algo in _W_DEPENDENT or lm.module.has_dora:
-                raise BadInput(path, f"{lm.name}: {lm.module.algo}{' (DoRA)' if lm.module.has_dora else ''} "
-                                     "changes W multiplicatively and cannot be summed into a LoRA",
-                               hint="bake it into the checkpoint instead")
-            key = (lm.target.component, lm.target.module)
-            groups.setdefault(key, []).append((lm.module, ratio, path))
-            targets[key] = lm.target
-    shapes = {}
-    for key, items in groups.items():
-        shapes[key] = _group_shape(items, tuple(targets[key].shape))
+    for (path, _), af in zip(specs, files):
+        if not af.modules:
+            raise BadInput(path, "holds no adapter modules (is it an adapter file?)")
+    fast = _kohya_groups(specs, files, opts)
+    if fast is not None:
+        arch, groups, names, shapes = fast
+    else:
+        arch, groups, names, shapes = _resolved_groups(specs, files, opts)
     if not groups:
         raise BadInput(specs[0][0], "no adapter module to merge")
 
@@ -579,18 +559,12 @@ def merge_adapters(specs, output, opts: AdapterMergeOptions, *, overwrite=False,
     if opts.method == "svd" and opts.budget:
         ranks_for = _budget_ranks(groups, shapes, opts, dev)
 
-    res = AdapterMergeResult(output=output, arch=arch)
+    res = AdapterMergeResult(output=output, arch=arch or "unknown")
     tensors: dict[str, torch.Tensor] = {}
     bar = tqdm(list(groups.items()), desc=f"merge {output.name}", unit="module", file=sys.stderr, disable=quiet, leave=False)
     for key, items in bar:
-        t = targets[key]
         shape = shapes[key]
-        ldm = None
-        if t.component == "unet" and arch.startswith("sdxl"):
-            km = index.single_key(t)
-            if km is not None:
-                ldm = km.single_key[len(ckpt.UNET_PREFIX):-len(".weight")]
-        name = kohya_module_name(arch, t.component, t.module, ldm)
+        name = names[key]
         if opts.method == "concat":
             up, down = _concat(items, shape, opts, dev)
             err = 0.0
@@ -631,6 +605,81 @@ def merge_adapters(specs, output, opts: AdapterMergeOptions, *, overwrite=False,
     return res
 
 
+def _check_summable(lm, path):
+    if lm.module.algo in _W_DEPENDENT or lm.module.has_dora:
+        raise BadInput(path, f"{lm.name}: {lm.module.algo}{' (DoRA)' if lm.module.has_dora else ''} "
+                             "changes W multiplicatively and cannot be summed into a LoRA",
+                       hint="bake it into the checkpoint instead")
+
+
+_LDM_FLAT = re.compile(r"(input_blocks|middle_block|output_blocks|out)_")
+
+
+def _kohya_groups(specs, files, opts):
+    """Fast path: every module of every file has a kohya flat name (lora_unet_*, lora_te*_*) in one
+    UNet naming style, so modules group by name and keep it; no model template is needed."""
+    styles = set()
+    for af in files:
+        for lm in af.modules:
+            mid = lm.id
+            if lm.module is None or not mid.flat or not lm.name.startswith(("lora_unet_", "lora_te")):
+                return None
+            if mid.component == "unet":
+                styles.add("ldm" if _LDM_FLAT.match(mid.path) else "diffusers")
+    if len(styles) > 1:
+        return None
+    from .inspect import metadata_arch
+
+    arch = next((a for a in (metadata_arch(af.source.metadata) for af in files) if a), None)
+    if arch is None and any(lm.name.startswith("lora_te2_") for af in files for lm in af.modules):
+        arch = "sdxl"
+    groups, names, shapes = {}, {}, {}
+    for (path, ratio), af in zip(specs, files):
+        for lm in af.parsed:
+            _check_summable(lm, path)
+            groups.setdefault(lm.name, []).append((lm.module, ratio, path))
+            names[lm.name] = lm.name
+    for key, items in groups.items():
+        shapes[key] = _group_shape(items, None)
+    return arch, groups, names, shapes
+
+
+def _resolved_groups(specs, files, opts):
+    """General path: resolve every module against the standard model the first adapter is for."""
+    from .inspect import guess_adapter_arch
+
+    arch, index, _ = guess_adapter_arch(files[0])
+    if index is None:
+        raise BadInput(specs[0][0], "cannot tell which model this adapter is for (no module matches SD1, SD2 or SDXL)")
+    groups: dict[tuple, list] = {}
+    targets: dict[tuple, object] = {}
+    for (path, ratio), af in zip(specs, files):
+        af.resolve(index)
+        bad = [lm.name for lm in af.parsed if lm.target is None] + [lm.name for lm in af.errors]
+        if bad and not opts.allow_partial:
+            raise BadInput(path, f"{len(bad)} of {len(af.modules)} modules match no {arch} module "
+                                 f"(first: {', '.join(bad[:3])})",
+                           hint="all adapters must be for the same model; --allow-partial skips them")
+        for lm in af.parsed:
+            if lm.target is None:
+                continue
+            _check_summable(lm, path)
+            key = (lm.target.component, lm.target.module)
+            groups.setdefault(key, []).append((lm.module, ratio, path))
+            targets[key] = lm.target
+    names, shapes = {}, {}
+    for key, items in groups.items():
+        t = targets[key]
+        shapes[key] = _group_shape(items, tuple(t.shape))
+        ldm = None
+        if t.component == "unet" and arch.startswith("sdxl"):
+            km = index.single_key(t)
+            if km is not None:
+                ldm = km.single_key[len(ckpt.UNET_PREFIX):-len(".weight")]
+        names[key] = kohya_module_name(arch, t.component, t.module, ldm)
+    return arch, groups, names, shapes
+
+
 def _numel(shape) -> int:
     n = 1
     for s in shape:
@@ -651,10 +700,10 @@ def _group_shape(items, template_shape) -> tuple:
         if _numel(h) != n:
             raise BadInput(p, f"{items[0][0].name}: ΔW of shape {h} does not match {hints[0][0]} from another adapter",
                            hint="all adapters must be for the same model")
-    if _numel(template_shape) == n:
+    if template_shape is not None and _numel(template_shape) == n:
         return template_shape
     best = max((h for h, _ in hints), key=len)
-    if len(best) == 2 and len(template_shape) == 4:
+    if len(best) == 2 and template_shape is not None and len(template_shape) == 4:
         k = template_shape[2] * template_shape[3]
         if best[1] % k == 0:
             return (best[0], best[1] // k, *template_shape[2:])
