@@ -145,9 +145,9 @@ def _extract_summary(res):
 
 
 def _register():
-    from .commands import convert, merge, rank_prune
+    from .commands import convert, merge, rank_prune, train
 
-    for mod in (merge, rank_prune, convert):
+    for mod in (merge, rank_prune, convert, train):
         main.add_command(mod.command)
 
 

@@ -1,0 +1,100 @@
+"""`lycotools train`: fine-tune an adapter (or a textual-inversion embedding) on a folder of images."""
+
+from __future__ import annotations
+
+import click
+
+from ..cli_common import common
+
+
+@click.command("train")
+@click.argument("base")
+@click.argument("data")
+@click.option("-o", "--output", required=True, help="Output .safetensors (adapter, or embedding for --algo ti).")
+@click.option("--algo", type=click.Choice(["lora", "locon", "loha", "lokr", "adalora", "ti"]), default="lora",
+              show_default=True)
+@click.option("--rank", type=int, default=8, show_default=True, help="Rank (network dim) of linear and 1x1 layers.")
+@click.option("--alpha", type=float, default=None, help="Alpha (scale = alpha / rank); default: the rank (scale 1).")
+@click.option("--conv-rank", type=int, default=None, help="Rank of 3x3 convs (default: --rank for locon/loha/lokr, 0 for lora).")
+@click.option("--conv-alpha", type=float, default=None, help="Alpha of 3x3 convs.")
+@click.option("--factor", type=int, default=-1, show_default=True, help="LoKr factor (-1: balanced).")
+@click.option("--train-text-encoder", is_flag=True, help="Also adapt the text encoder(s).")
+@click.option("--train-unet/--no-train-unet", default=True, show_default=True)
+@click.option("--text-encoder-lr", type=float, default=None, help="Learning rate of the text-encoder adapters (default --lr).")
+@click.option("--resolution", type=int, default=512, show_default=True, help="Square training size (px).")
+@click.option("--caption-ext", default=".txt", show_default=True)
+@click.option("--default-caption", default=None, help="Caption of images without a caption file.")
+@click.option("--cache-latents-to-disk", is_flag=True, help="Keep the VAE latents on disk and reuse them.")
+@click.option("--cache-dir", default=None, help="Folder for the latent cache (default: beside the images).")
+@click.option("--class-data", default=None, help="DreamBooth: folder of class (regularisation) images.")
+@click.option("--class-prompt", default=None, help="Caption of class images without a caption file.")
+@click.option("--prior-loss-weight", type=float, default=1.0, show_default=True)
+@click.option("--steps", type=int, default=None, help="Optimizer steps (or give --epochs).")
+@click.option("--epochs", type=int, default=None)
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--gradient-accumulation", "grad_accum", type=int, default=1, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--lr-scheduler", default="constant", show_default=True,
+              type=click.Choice(["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                                 "polynomial", "piecewise_constant"]))
+@click.option("--lr-warmup-steps", type=int, default=0, show_default=True)
+@click.option("--optimizer", type=click.Choice(["adamw", "adamw8bit", "sgd"]), default="adamw", show_default=True,
+              help="adamw8bit needs bitsandbytes.")
+@click.option("--weight-decay", type=float, default=0.01, show_default=True)
+@click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="0 disables clipping.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default="no", show_default=True,
+              help="Autocast on CUDA (ignored on the CPU).")
+@click.option("--gradient-checkpointing", is_flag=True)
+@click.option("--noise-offset", type=float, default=0.0, show_default=True)
+@click.option("--min-snr-gamma", type=float, default=None, help="Min-SNR-γ loss weighting (e.g. 5).")
+@click.option("--v-pred/--eps-pred", "v_pred", default=None,
+              help="Force the prediction type (default: the model's scheduler config, else ε).")
+@click.option("--save-every", type=int, default=None, help="Also save OUT-stepNNNNNN.safetensors every N steps.")
+@click.option("--save-state", is_flag=True, help="Write OUT.state.pt (optimizer, step, factors) for --resume.")
+@click.option("--resume", default=None, help="Continue from a .state.pt written by --save-state.")
+@click.option("--save-precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--loss-log", default=None, help="CSV loss log (default: OUT_loss.csv).")
+@click.option("--config", "config_dir", default=None,
+              help="Diffusers folder with the configs and tokenizer of a single-file BASE that is not a standard model.")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--token", default=None, help="TI: the new token, e.g. <my-cat>.")
+@click.option("--init-word", default=None, help="TI: word whose embedding starts the new vectors.")
+@click.option("--vectors", type=int, default=1, show_default=True, help="TI: vectors per token.")
+@click.option("--init-rank", type=int, default=12, show_default=True, help="AdaLoRA: initial rank R.")
+@click.option("--target-rank", type=int, default=8, show_default=True, help="AdaLoRA: average final rank r.")
+@click.option("--tinit", type=int, default=0, show_default=True, help="AdaLoRA: warm-up steps before pruning.")
+@click.option("--tfinal", type=int, default=0, show_default=True, help="AdaLoRA: final steps with the rank pattern fixed.")
+@click.option("--delta-t", type=int, default=1, show_default=True, help="AdaLoRA: prune every N steps.")
+@click.option("--orth-reg", type=float, default=0.1, show_default=True, help="AdaLoRA: orthogonality regulariser weight.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--no-date", is_flag=True, help="Leave dates out of the metadata (byte-identical reruns).")
+@common
+def command(base, data, output, debug, quiet, overwrite, **kw):
+    """Train an adapter on a folder of images with captions (kohya-style N_name repeat folders).
+
+    \b
+    Examples:
+      lycotools train sd15.safetensors photos/ -o my_lora.safetensors --rank 16 --steps 1000 --lr 1e-4
+      lycotools train sd15/ photos/ -o my_locon.safetensors --algo locon --rank 16 --conv-rank 8 \\
+          --epochs 10 --batch-size 4 --mixed-precision bf16 --gradient-checkpointing --min-snr-gamma 5
+      lycotools train sd15.safetensors photos/ -o ada.safetensors --algo adalora --init-rank 12 --target-rank 4 \\
+          --tinit 100 --tfinal 200 --delta-t 10 --steps 1000
+      lycotools train sd15.safetensors dog/ -o dog.safetensors --class-data dogs/ --class-prompt "a dog" \\
+          --prior-loss-weight 1 --steps 800
+      lycotools train sd15.safetensors cat/ -o cat_emb.safetensors --algo ti --token "<my-cat>" \\
+          --init-word cat --vectors 2 --lr 5e-3 --steps 2000
+      accelerate launch -m lycotools.cli train sdxl.safetensors photos/ -o x.safetensors --mixed-precision bf16 --steps 2000
+    """
+    from ..train.trainer import TrainOptions, train
+
+    opts = TrainOptions(**kw)
+    res = train(base, data, output, opts, overwrite=overwrite, quiet=quiet)
+    if not quiet:
+        extra = ""
+        if res.ranks:
+            rs = list(res.ranks.values())
+            extra = f", {len(rs)} modules, rank {min(rs)}–{max(rs)}"
+        last = f", final loss {res.losses[-1]:.4f}" if res.losses else ""
+        click.echo(f"lycotools: wrote {res.output} ({res.steps} steps{last}{extra}); loss log {res.loss_log}", err=True)
+    return 0
