@@ -146,14 +146,16 @@ def svd_of_product(up: torch.Tensor, down: torch.Tensor) -> SVD:
     Cost grows with the rank, not the layer size. Works for any r (e.g. stacked factors of several
     adapters).
     """
-    up, down = up.float(), down.float()
+    # float64 throughout: the QRs cost O((m+n)·r²), and the small singular values of a sum of
+    # adapters lose ~1e-4 relative accuracy in float32
+    up, down = up.double(), down.double()
     Qu, Ru = torch.linalg.qr(up)  # (m, r), (r, r)
     Qd, Rd = torch.linalg.qr(down.T)  # (n, r), (r, r)
     core = Ru @ Rd.T
     Uc, S, Vhc = torch.linalg.svd(core, full_matrices=False)
-    U = Qu @ Uc
-    Vh = (Qd @ Vhc.T).T
-    return SVD(U, S, Vh, float(S.double().square().sum()), True)
+    U = (Qu @ Uc).float()
+    Vh = (Qd @ Vhc.T).T.float()
+    return SVD(U, S.float(), Vh, float(S.square().sum()), True)
 
 
 def split_factors(svd: SVD, r: int, alpha_split: str = "up") -> tuple[torch.Tensor, torch.Tensor]:

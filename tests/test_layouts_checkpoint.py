@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -387,3 +388,19 @@ def test_keymapping_is_frozen():
     m = KeyMapping("a", "unet", "b", None)
     with pytest.raises(Exception):
         m.single_key = "c"
+
+
+def test_disk_cache_gives_the_same_maps(tmp_path, monkeypatch):
+    """The on-disk cache (which spares the diffusers import) returns exactly what the converters derive."""
+    from lycotools.io.readers import open_source
+    from lycotools.layouts import checkpoint as ck
+
+    shapes = open_source(Path(__file__).resolve().parent.parent / "fixtures/sdxl/base.safetensors").shapes()
+    monkeypatch.setenv("LYCOTOOLS_CACHE_DIR", str(tmp_path))
+    ck._build_map_cached.cache_clear()
+    first = ck.CheckpointKeyMap.from_single_file(shapes)
+    assert list(tmp_path.glob("keymap-*.json"))
+    ck._build_map_cached.cache_clear()
+    second = ck.CheckpointKeyMap.from_single_file(shapes)  # from the JSON file this time
+    assert first.mappings == second.mappings and first.unmapped_single == second.unmapped_single
+    assert any(isinstance(m.transform, tuple) for m in second.mappings)  # chunk transforms survive JSON

@@ -32,6 +32,8 @@ from typing import Iterable, Mapping
 
 import torch
 
+from . import cache as _cache
+
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
 ARCHS = ("sd1", "sd2", "sdxl", "sdxl-refiner")
 
@@ -357,6 +359,14 @@ def _component_prefixes(info: CheckpointInfo, arch: str) -> dict[str, tuple[str,
     return out
 
 
+def _transform_to_json(tr):
+    return list(tr) if isinstance(tr, tuple) else tr
+
+
+def _transform_from_json(tr):
+    return tuple(tr) if isinstance(tr, list) else tr
+
+
 @functools.lru_cache(maxsize=32)
 def _build_map_cached(items: frozenset, arch: str | None):
     shapes = dict(items)
@@ -364,6 +374,18 @@ def _build_map_cached(items: frozenset, arch: str | None):
     if info.layout != "single-file":
         raise ValueError("CheckpointKeyMap.from_single_file needs single-file (ldm/sgm) keys")
     arch = arch or info.arch
+    key = [arch, sorted((k, list(s)) for k, s in shapes.items())]
+    hit = _cache.load("keymap", key)
+    if hit is not None:
+        mappings = tuple(KeyMapping(a, b, c, _transform_from_json(d)) for a, b, c, d in hit["mappings"])
+        return arch, mappings, tuple(hit["unmapped"]), info
+    result = _build_map(shapes, info, arch)
+    _cache.save("keymap", key, {"mappings": [[m.single_key, m.component, m.diffusers_key, _transform_to_json(m.transform)]
+                                             for m in result[1]], "unmapped": list(result[2])})
+    return result
+
+
+def _build_map(shapes: dict, info, arch: str):
     comp_prefixes = _component_prefixes(info, arch)
     mappings: list[KeyMapping] = []
     used: set[str] = set()
@@ -605,6 +627,16 @@ def _single_shape(shape: tuple, transform, vae_attn: bool) -> tuple:
 @functools.lru_cache(maxsize=32)
 def _for_diffusers_cached(frozen: tuple, arch: str) -> CheckpointKeyMap:
     component_shapes = {comp: dict(items) for comp, items in frozen}
+    key = [arch, {c: sorted((k, list(s)) for k, s in sd.items()) for c, sd in component_shapes.items()}]
+    hit = _cache.load("fordiffusers", key)
+    if hit is not None:
+        return CheckpointKeyMap.from_single_file({k: tuple(s) for k, s in hit}, arch=arch)
+    km = _for_diffusers(component_shapes, arch)
+    _cache.save("fordiffusers", key, [[k, list(s)] for k, s in km.single_shapes.items()])
+    return km
+
+
+def _for_diffusers(component_shapes: dict, arch: str) -> CheckpointKeyMap:
     te_layout = _TE_LAYOUT[arch]
     single_shapes: dict[str, tuple] = {}
     for comp, shapes in component_shapes.items():
@@ -755,11 +787,16 @@ def _instantiate_meta(kind: str, cfg: dict):
 
 @functools.lru_cache(maxsize=8)
 def _template_cached(arch: str):
+    key = [arch, {c: load_config(f) for c, (f, _) in _TEMPLATES[arch].items()}]
+    hit = _cache.load("template", key)
+    if hit is not None:
+        return {c: {k: tuple(s) for k, s in sd.items()} for c, sd in hit.items()}
     out = {}
     for comp, (fname, kind) in _TEMPLATES[arch].items():
         model = _instantiate_meta(kind, load_config(fname))
         sd = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         out[comp] = canonical_te_state(sd) if comp.startswith("text_encoder") else sd
+    _cache.save("template", key, {c: {k: list(s) for k, s in sd.items()} for c, sd in out.items()})
     return out
 
 
