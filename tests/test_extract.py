@@ -130,14 +130,20 @@ def test_sdxl_extract_both_text_encoders(tmp_path):
     assert any(k.startswith("lora_unet_input_blocks_") or k.startswith("lora_unet_output_blocks_") for k in names)
 
 
-def test_loads_in_diffusers_and_fuses_to_tuned(tmp_path, sd1_deltas):
+@pytest.mark.parametrize("mode", ["fixed", "energy"])
+def test_loads_in_diffusers_and_fuses_to_tuned(tmp_path, sd1_deltas, mode):
+    """Fixed rank, and per-layer ranks (energy mode: ranks 2-4 here), where diffusers' single alpha
+    per file for SD attention modules would break per-module alpha = rank."""
     diffusers = pytest.importorskip("diffusers")
     out = tmp_path / "x.safetensors"
     # UNet only: diffusers 0.42 cannot load a text-encoder LoRA that touches only q/v projections
     # (convert_state_dict_to_diffusers "Could not automatically infer state dict type"), which is what
     # this fixture's text-encoder delta gives; the text encoder part is checked in lycoris below.
-    extract(SD1_BASE, SD1_TUNED, out, ExtractOptions(algo="locon", rank=8, dtype="fp32", full_fallback=False,
-                                                    parts=("unet",), no_date=True), quiet=True)
+    opts = ExtractOptions(algo="locon", rank=8, dtype="fp32", full_fallback=False, parts=("unet",), no_date=True,
+                          mode=mode, mode_param=0.999999 if mode == "energy" else None, max_rank=8)
+    res = extract(SD1_BASE, SD1_TUNED, out, opts, quiet=True)
+    if mode == "energy":
+        assert len({l.rank for l in res.layers}) > 1
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(FIX / "sd1/diffusers", safety_checker=None, local_files_only=True)
     before = {("unet", k): v.clone() for k, v in pipe.unet.state_dict().items()}
     before.update({("text_encoder", "text_model." + k if not k.startswith("text_model.") else k): v.clone()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,20 @@ from typing import Iterable, Mapping
 import torch
 
 from . import cache as _cache
+
+# Building maps imports diffusers/transformers lazily, which is not thread-safe, and the lru_caches
+# would otherwise compute the same map twice: one lock serialises the builders (batch mode, -j N).
+_BUILD_LOCK = threading.RLock()
+
+
+def _locked(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _BUILD_LOCK:
+            return fn(*args, **kwargs)
+
+    wrapper.cache_clear = getattr(fn, "cache_clear", None)
+    return wrapper
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
 ARCHS = ("sd1", "sd2", "sdxl", "sdxl-refiner")
@@ -367,6 +382,7 @@ def _transform_from_json(tr):
     return tuple(tr) if isinstance(tr, list) else tr
 
 
+@_locked
 @functools.lru_cache(maxsize=32)
 def _build_map_cached(items: frozenset, arch: str | None):
     shapes = dict(items)
@@ -624,6 +640,7 @@ def _single_shape(shape: tuple, transform, vae_attn: bool) -> tuple:
     return tuple(shape)
 
 
+@_locked
 @functools.lru_cache(maxsize=32)
 def _for_diffusers_cached(frozen: tuple, arch: str) -> CheckpointKeyMap:
     component_shapes = {comp: dict(items) for comp, items in frozen}
@@ -785,6 +802,7 @@ def _instantiate_meta(kind: str, cfg: dict):
         return CLIPTextModelWithProjection(c) if kind == "clip_proj" else CLIPTextModel(c)
 
 
+@_locked
 @functools.lru_cache(maxsize=8)
 def _template_cached(arch: str):
     key = [arch, {c: load_config(f) for c, (f, _) in _TEMPLATES[arch].items()}]

@@ -136,6 +136,7 @@ class ModelIndex:
         return self.keymap.to_single(target.component, target.module + ".weight")
 
 
+@ckpt._locked
 @functools.lru_cache(maxsize=None)
 def _template_index(arch: str) -> ModelIndex:
     comp_shapes = ckpt.template_shapes(arch)

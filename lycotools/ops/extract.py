@@ -53,6 +53,13 @@ class ExtractOptions:
     lokr_factor: int = -1
     no_date: bool = False
 
+    @property
+    def file_alpha(self) -> float:
+        """The alpha every LoRA module of the file gets (alpha = rank for a fixed rank)."""
+        if self.mode == "fixed" and not self.budget:
+            return float(self.rank)
+        return float(self.max_rank or self.rank)
+
     def param_for(self, conv3: bool) -> float:
         if self.mode == "fixed":
             return float(self.conv_rank if conv3 and self.conv_rank else self.rank)
@@ -222,12 +229,13 @@ def extract(base_path, tuned_path, output, opts: ExtractOptions, *, overwrite: b
         bar.close()
         ranks = [l.rank for l in result.layers if l.rank]
         dim = max(ranks) if ranks else 0
+        alpha = opts.file_alpha if opts.algo in ("lora", "locon") else dim
         network_module = "lycoris.kohya" if lycoris_format else "networks.lora"
         args = {"algo": meta_algo, "mode": opts.mode}
         if opts.algo in ("locon", "loha", "lokr") and not opts.budget:
             args["conv_dim"] = opts.conv_rank or opts.rank
-            args["conv_alpha"] = opts.conv_rank or opts.rank
-        meta = network_metadata(arch, network_module, dim, dim, args)
+            args["conv_alpha"] = alpha
+        meta = network_metadata(arch, network_module, dim, alpha, args)
         meta.update(modelspec(arch, "lycoris" if lycoris_format else "lora", output.stem, no_date=opts.no_date,
                               prediction=("v" if base.info.prediction == "v" else None)))
         meta["ss_sd_model_name"] = Path(base_path).name
@@ -285,10 +293,24 @@ def _extract_layer(name, comp, module, kind, delta, bias_delta, opts: ExtractOpt
     else:
         f = factorize.lora_from_svd(delta, svd, r)
         kind_name = "lora"
+        _uniform_alpha(f.tensors, r, opts.file_alpha)
     if diff_b is not None:
         result.skipped_bias += 1  # low-rank modules carry no bias term in any consumer's format
     ke = kept_energy(svd, r) if kind_name in ("lora", "loha") else None
     return f.tensors, LayerReport(name, comp, module, shape, kind_name, f.rank, ke, f.error, f.params, f.note)
+
+
+def _uniform_alpha(tensors: dict, r: int, alpha: float):
+    """Store the file's one alpha and fold alpha/r into ``lora_up`` so ΔW stays exact.
+
+    diffusers reads a single alpha per file for SD attention modules (its per-module
+    ``alpha_pattern`` names do not match them), so files whose modules have different ranks must
+    not rely on per-module alpha = rank.
+    """
+    if alpha == r:
+        return
+    tensors["lora_up.weight"] = tensors["lora_up.weight"] * (r / alpha)
+    tensors["alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
 
 
 def _allocate(base, tuned, layers, opts: ExtractOptions, dev, quiet) -> dict[str, int]:
