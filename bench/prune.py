@@ -10,8 +10,8 @@ real shapes; random factors) is resized to rank 32 both ways, in this one proces
 
 Prints per-method time, the ratio, and the largest relative difference of the kept singular values.
 
-    python bench/prune.py            # all 264 layers (kohya's side takes a while)
-    python bench/prune.py --quick    # 8 layers, for a smoke run
+    python bench/prune.py --threads 1            # all 264 layers (kohya's side takes a while)
+    python bench/prune.py --quick --threads 1    # 8 layers, for a smoke run
 """
 
 from __future__ import annotations
@@ -102,7 +102,12 @@ def main():
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--new-rank", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3, help="runs of the lycotools side (median reported)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for both sides (default: torch's); on a busy shared machine 1 gives "
+                         "stable numbers, as OpenMP spin-waits make tiny multi-threaded QRs erratic")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shapes = sd15_lora_shapes()
     if args.quick:
         step = max(1, len(shapes) // 8)

@@ -89,8 +89,9 @@ ROUND_TRIP = [
     ("sd1_kohya_locon.safetensors", ["peft", "diffusers", "comfy", "lycoris"]),
     ("sdxl_kohya_lora.safetensors", ["peft", "diffusers", "comfy", "lycoris"]),
     ("sdxl_kohya_locon.safetensors", ["peft", "diffusers", "comfy", "lycoris"]),
-    ("sd1_loha.safetensors", ["comfy", "lycoris"]),
-    ("sd1_loha_tucker.safetensors", ["comfy", "lycoris"]),
+    ("sd1_loha.safetensors", ["peft", "comfy", "lycoris"]),
+    ("sd1_loha_tucker.safetensors", ["peft", "comfy", "lycoris"]),
+    ("sd1_dora.safetensors", ["peft", "lycoris"]),
     ("sd1_lokr.safetensors", ["comfy", "lycoris"]),
     ("sd1_locon_tucker.safetensors", ["comfy", "lycoris"]),
 ]
@@ -162,11 +163,13 @@ def sd1_pipe():
 
 def _weights(pipe) -> dict:
     out = {}
-    for comp in ("unet", "text_encoder"):
-        model = getattr(pipe, comp)
+    for comp in ("unet", "text_encoder", "text_encoder_2"):
+        model = getattr(pipe, comp, None)
+        if model is None:
+            continue
         for k, v in model.state_dict().items():
             k = k.replace(".base_layer.", ".")
-            if comp == "text_encoder" and not k.startswith("text_model."):
+            if comp.startswith("text_encoder") and not k.startswith(("text_model.", "text_projection")):
                 k = "text_model." + k
             out[(comp, k)] = v.detach().clone().float()
     return out
@@ -175,18 +178,20 @@ def _weights(pipe) -> dict:
 def _expected(before: dict, path) -> dict:
     exp = {}
     for (comp, module), d in deltas(path).items():
+        if (comp, module + ".weight") not in before:
+            raise AssertionError(f"{comp}.{module} not in the model")
         key = (comp, module + ".weight")
         exp[key] = before[key] + d
     return exp
 
 
-def _check_fused(pipe, before, exp):
+def _check_fused(pipe, before, exp, allowed=None):
     after = _weights(pipe)
     assert exp
     for key, w in exp.items():
         assert torch.allclose(after[key], w, atol=1e-5, rtol=1e-4), key
-    changed = {k for k in before if k in after and not torch.equal(before[k], after[k]) and "self_attn" not in k[1]}
-    assert changed <= set(exp), sorted(changed - set(exp))[:3]
+    changed = {k for k in before if k in after and not torch.equal(before[k], after[k])}
+    assert changed <= set(exp) | set(allowed or ()), sorted(changed - set(exp))[:3]
 
 
 @pytest.mark.parametrize("target", ["diffusers", "diffusers-fold", "kohya"])
@@ -197,6 +202,7 @@ def test_diffusers_load_lora_weights(tmp_path, sd1_pipe, target):
         *(["--fold-alpha"] if "fold" in target else []))
     before = _weights(pipe)
     exp = _expected(before, out)
+    in_file = set(exp)
     if target == "kohya":
         # diffusers 0.42 + transformers 5 leaves kohya-named TE self-attention LoRAs unapplied (its legacy
         # `q_proj` -> `to_q_lora` rename finds no module); the MLP and UNet keys load. --to diffusers loads all.
@@ -204,7 +210,55 @@ def test_diffusers_load_lora_weights(tmp_path, sd1_pipe, target):
     pipe.load_lora_weights(str(out), adapter_name="t")
     pipe.fuse_lora(adapter_names=["t"])
     try:
-        _check_fused(pipe, before, exp)
+        _check_fused(pipe, before, exp, allowed=in_file)
+    finally:
+        pipe.unfuse_lora()
+        pipe.unload_lora_weights()
+
+
+@pytest.fixture(scope="module")
+def sdxl_pipe(tmp_path_factory):
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    folder = tmp_path_factory.mktemp("sdxl") / "pipe"
+    run(FIX / "sdxl" / "base.safetensors", "--to", "diffusers", "-o", folder, "-q")
+    tok = CLIPTokenizer.from_pretrained(str(SD1_PIPE / "tokenizer"))
+    return StableDiffusionXLPipeline(
+        vae=AutoencoderKL.from_pretrained(str(folder / "vae")),
+        text_encoder=CLIPTextModel.from_pretrained(str(folder / "text_encoder")),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(str(folder / "text_encoder_2")),
+        tokenizer=tok, tokenizer_2=tok, unet=UNet2DConditionModel.from_pretrained(str(folder / "unet")),
+        scheduler=EulerDiscreteScheduler.from_pretrained(str(folder / "scheduler")))
+
+
+@pytest.mark.parametrize("target", ["diffusers", "kohya"])
+def test_sdxl_diffusers_load_lora_weights(tmp_path, sdxl_pipe, target):
+    """SDXL: kohya output (ldm-named UNet, lora_te1_/lora_te2_) and diffusers output both load in diffusers'
+    SDXL pipeline and fuse to W + ΔW."""
+    pipe = sdxl_pipe
+    out = tmp_path / "l.safetensors"
+    run(AD / "sdxl_kohya_locon.safetensors", "--to", target, "-o", out)
+    before = _weights(pipe)
+    exp = _expected(before, out)
+    in_file = set(exp)
+    if target == "kohya":
+        # diffusers 0.42 quirks with kohya files (not with --to diffusers): TE self-attention LoRAs are not
+        # applied (see test_diffusers_load_lora_weights), and UNet attention modules whose alpha is not the
+        # file's most common one get their alpha_pattern under a legacy key name PEFT ignores
+        from collections import Counter
+
+        af = open_adapter(out)
+        af.resolve(base_index("sdxl"))
+        alphas = {(lm.target.component, lm.target.module + ".weight"): lm.module.alpha for lm in af.parsed}
+        common = Counter(alphas.values()).most_common(1)[0][0]
+        exp = {k: v for k, v in exp.items() if not (k[0].startswith("text_encoder") and "self_attn" in k[1])
+               and not (".to_" in k[1] and alphas[k] != common)}
+    pipe.load_lora_weights(str(out), adapter_name="t")
+    pipe.fuse_lora(adapter_names=["t"])
+    try:
+        _check_fused(pipe, before, exp, allowed=in_file)
     finally:
         pipe.unfuse_lora()
         pipe.unload_lora_weights()
@@ -218,18 +272,30 @@ def test_diffusers_fold_alpha(tmp_path, sd1_pipe):
     assert_same_deltas(AD / "sd1_kohya_locon.safetensors", out, tol=1e-6)
 
 
-def test_peft_from_pretrained(tmp_path, sd1_pipe):
+@pytest.mark.parametrize("name", ["sd1_kohya_locon.safetensors", "sd1_loha.safetensors", "sd1_loha_tucker.safetensors",
+                                  "sd1_dora.safetensors"])
+def test_peft_from_pretrained(tmp_path, sd1_pipe, name):
     from peft import PeftModel
 
     out = tmp_path / "peft"
-    run(AD / "sd1_kohya_locon.safetensors", "--to", "peft", "-o", out)
-    assert (out / "unet" / "adapter_config.json").exists() and (out / "text_encoder" / "adapter_model.safetensors").exists()
+    run(AD / name, "--to", "peft", "-o", out)
+    assert (out / "unet" / "adapter_config.json").exists()
     pipe = sd1_pipe
     before = _weights(pipe)
-    exp = _expected(before, out)
+    if "dora" in name:  # DoRA: the merged weight, not W + ΔW
+        af = open_adapter(out)
+        af.resolve(base_index("sd1"))
+        exp = {}
+        for lm in af.parsed:
+            key = (lm.target.component, lm.target.module + ".weight")
+            exp[key] = lm.module.apply(before[key])[0]
+    else:
+        exp = _expected(before, out)
     import copy
 
     for comp in ("unet", "text_encoder"):
+        if not (out / comp).exists():
+            continue
         model = copy.deepcopy(getattr(pipe, comp))
         pm = PeftModel.from_pretrained(model, str(out / comp))
         merged = pm.merge_and_unload()
@@ -369,13 +435,13 @@ def test_trained_peft_adalora_to_kohya_matches_peft(tmp_path, sd1_pipe):
 
     unet = copy.deepcopy(sd1_pipe.unet)
     cfg = AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, target_modules=["to_q", "to_v"], tinit=1, tfinal=1,
-                        deltaT=1, total_step=6, init_lora_weights=True)
+                        deltaT=1, total_step=4, init_lora_weights=True)
     pm = get_peft_model(unet, cfg)
     opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, 8, 8, generator=g)
     enc = torch.randn(1, 3, 32, generator=g)
-    for step in range(6):
+    for step in range(4):
         opt.zero_grad()
         out = pm(x, torch.tensor([10]), encoder_hidden_states=enc).sample
         loss = out.square().mean()
@@ -422,8 +488,11 @@ def _unet_out(unet):
         return unet(x, torch.tensor([10]), encoder_hidden_states=ctx, **kw).sample
 
 
-def test_sd1_single_file_diffusers_round_trip_and_pipeline(tmp_path, sd1_pipe):
+def test_sd1_single_file_diffusers_round_trip_and_pipeline(tmp_path):
     from diffusers import StableDiffusionPipeline
+
+    # a fresh reference: the shared sd1_pipe has had LoRAs fused and unfused (float residue)
+    sd1_pipe = StableDiffusionPipeline.from_pretrained(str(SD1_PIPE), safety_checker=None, requires_safety_checker=False)
 
     src = FIX / "sd1" / "base.safetensors"
     folder = tmp_path / "sd1_diffusers"
@@ -509,3 +578,138 @@ def test_checkpoint_refusals(tmp_path):
     assert "checkpoint" in res.output
     res = run(FIX / "sdxl" / "base.safetensors", "--to", "diffusers", "-o", tmp_path / "y", "--config", SD1_PIPE, code=2)
     assert not (tmp_path / "y").exists() and [p for p in tmp_path.iterdir()] == []
+
+
+# ------------------------------------------------------------------------------------------------
+# embeddings
+# ------------------------------------------------------------------------------------------------
+
+
+def _embedding(path):
+    from lycotools.io.readers import open_source
+    from lycotools.layouts.embeddings import detect_embedding
+
+    src = open_source(path)
+    info = detect_embedding(src)
+    token = info.token or src.metadata.get("lycotools.token")
+    return info.format, token, {k: src.get(v) for k, v in info.keys.items()}
+
+
+@pytest.mark.parametrize("name,token", [("a1111.pt", "tinyemb"), ("diffusers_learned_embeds.safetensors", "<tiny-tok>"),
+                                        ("kohya.safetensors", "kohya")])
+def test_embedding_round_trips_keep_token(tmp_path, name, token):
+    src = FIX / "embeddings" / name
+    _, _, ref = _embedding(src)
+    cur = src
+    for i, to in enumerate(["a1111", "kohya", "diffusers", "a1111", "diffusers", "kohya", "a1111"]):
+        out = tmp_path / f"{i}_{to}{'.pt' if to == 'a1111' else '.safetensors'}"
+        run(cur, "--to", to, "-o", out)
+        fmt, tok, vec = _embedding(out)
+        assert fmt == to and tok == token, (to, tok)
+        assert torch.equal(vec["vectors"], ref["vectors"])
+        cur = out
+    doc = torch.load(str(cur), weights_only=True)  # plain dicts and tensors only
+    assert doc["name"] == token and set(doc["string_to_param"]) == {"*"}
+
+
+def test_embedding_token_option_and_sdxl(tmp_path):
+    out = tmp_path / "e.safetensors"
+    run(FIX / "embeddings" / "a1111.pt", "--to", "diffusers", "--token", "<new>", "-o", out)
+    assert list(raw(out)) == ["<new>"]
+    sd = tmp_path / "x.safetensors"
+    run(FIX / "embeddings" / "sdxl.safetensors", "--to", "sdxl", "--token", "xl-tok", "-o", sd)
+    fmt, tok, vec = _embedding(sd)
+    ref = raw(FIX / "embeddings" / "sdxl.safetensors")
+    assert fmt == "sdxl" and tok == "xl-tok" and torch.equal(vec["clip_l"], ref["clip_l"]) and torch.equal(vec["clip_g"], ref["clip_g"])
+    bad = tmp_path / "bad.pt"
+    run(FIX / "embeddings" / "sdxl.safetensors", "--to", "a1111", "-o", bad, code=2)
+    run(FIX / "embeddings" / "kohya.safetensors", "--to", "sdxl", "-o", bad, code=2)
+    assert not bad.exists()
+
+
+@pytest.mark.parametrize("to", ["a1111", "diffusers", "kohya"])
+def test_embedding_loads_with_load_textual_inversion(tmp_path, sd1_pipe, to):
+    out = tmp_path / ("e.pt" if to == "a1111" else "e.safetensors")
+    run(FIX / "embeddings" / "a1111.pt", "--to", to, "-o", out)
+    _, _, ref = _embedding(FIX / "embeddings" / "a1111.pt")
+    pipe = sd1_pipe
+    kw = {"token": "tinyemb"} if to == "kohya" else {}
+    pipe.load_textual_inversion(str(out), **kw)
+    try:
+        ids = pipe.tokenizer.convert_tokens_to_ids(["tinyemb", "tinyemb_1"])
+        emb = pipe.text_encoder.get_input_embeddings().weight
+        assert torch.equal(emb[ids].detach(), ref["vectors"].to(emb.dtype))
+    finally:
+        pipe.unload_textual_inversion()
+
+
+# ------------------------------------------------------------------------------------------------
+# batch, determinism, help
+# ------------------------------------------------------------------------------------------------
+
+
+def test_batch_folder_skips_done_and_survives_a_bad_file(tmp_path):
+    import shutil
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for n in ("sd1_kohya_lora.safetensors", "sd1_loha.safetensors", "sdxl_kohya_lora.safetensors"):
+        shutil.copy(AD / n, src / n)
+    out = tmp_path / "out"
+    res = run(src, "--to", "diffusers", "-o", out, code=2)  # LoHa cannot go to diffusers: that file fails
+    assert (out / "sd1_kohya_lora.safetensors").exists() and (out / "sdxl_kohya_lora.safetensors").exists()
+    assert not (out / "sd1_loha.safetensors").exists()
+    assert "--algo lora" in res.output
+    res = run(src, "--to", "diffusers", "-o", out, "--drop-unsupported", code=2)
+    assert "skipped" in res.output
+
+
+def test_same_inputs_same_bytes(tmp_path):
+    (tmp_path / "1").mkdir()
+    (tmp_path / "2").mkdir()
+    a, b = tmp_path / "1" / "x.safetensors", tmp_path / "2" / "x.safetensors"  # the name goes in the metadata
+    for p in (a, b):
+        run(AD / "sd1_loha.safetensors", "--to", "kohya", "--algo", "lora", "--rank", "2", "--no-date", "-o", p,
+            "--base", FIX / "sd1" / "base.safetensors")
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_help_has_examples():
+    res = CliRunner().invoke(main, ["convert", "--help"])
+    assert res.exit_code == 0 and "Examples:" in res.output and "--to" in res.output
+
+
+# ------------------------------------------------------------------------------------------------
+# ControlNet layouts
+# ------------------------------------------------------------------------------------------------
+
+
+def test_controlnet_diffusers_original_round_trip(tmp_path):
+    """diffusers ControlNetModel -> original layout (checked with diffusers' own single-file loader) -> back."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(SD1_PIPE / "unet"))
+    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 4, 8, 8))  # SD's 4-stage hint net
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in cn.parameters():  # zero convs start at zero: make every tensor distinct
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    d = tmp_path / "cn_diffusers"
+    cn.save_pretrained(str(d))
+    orig = tmp_path / "cn.safetensors"
+    run(d, "--to", "single-file", "-o", orig)
+    keys = raw(orig)
+    assert all(k.startswith("control_model.") for k in keys)
+    assert "control_model.zero_convs.0.0.weight" in keys and "control_model.middle_block_out.0.bias" in keys
+    assert "control_model.input_hint_block.0.weight" in keys and "control_model.input_hint_block.14.weight" in keys
+    ref = cn.state_dict()
+    theirs = ControlNetModel.from_single_file(str(orig), config=str(d)).state_dict()
+    assert sorted(theirs) == sorted(ref) and all(torch.equal(theirs[k], ref[k]) for k in ref)
+    back = tmp_path / "back"
+    res = run(orig, "--to", "diffusers", "-o", back)  # config inferred from the shapes
+    got = ControlNetModel.from_pretrained(str(back)).state_dict()
+    assert sorted(got) == sorted(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+    again = tmp_path / "again.safetensors"
+    run(back, "--to", "single-file", "-o", again)
+    a, b = raw(orig), raw(again)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -14,7 +14,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lycotools.adapter_file import AdapterFile
-from lycotools.adapters import parse_module
 from lycotools.commands.merge import command as merge_cmd
 from lycotools.io.readers import open_source
 from lycotools.layouts import checkpoint as ckpt
@@ -237,11 +236,16 @@ def test_sdxl_te2_lora_lands_in_in_proj_thirds(tmp_path):
             continue
         t = {k[len(p + proj + "_proj."):]: v for k, v in sd.items() if k.startswith(p + proj + "_proj.")}
         torch.testing.assert_close(got, ref_merged(t, orig, 1.0))
-    # text_projection (transpose) and everything else untouched here
+    # one raw tensor per targeted weight changed (q and v share in_proj_weight); the rest bit-identical
+    idx = ModelIndex.from_source(open_source(SDXL))
+    af = AdapterFile.open(path).resolve(idx)
+    targeted = {idx.single_key(lm.target).single_key for lm in af.parsed}
+    assert len(targeted) == len(af.parsed) - 1
     for k in base:
-        if k != key and "resblocks.1.mlp.c_fc.weight" not in k and "te" not in k.split(".")[0]:
-            if k.startswith("first_stage_model"):
-                assert torch.equal(out[k], base[k])
+        if k in targeted:
+            assert not torch.equal(out[k], base[k]), k
+        else:
+            assert torch.equal(out[k], base[k]), k
 
 
 def test_bad_adapter_for_other_arch_exit_2_nothing_written(tmp_path):
@@ -423,6 +427,20 @@ def test_svd_merge_is_best_rank_n(tmp_path):
     assert max(res.ranks.values()) <= N
 
 
+def test_concat_mixed_conventions(tmp_path):
+    """A PEFT folder and a kohya file go through name resolution and land on the same modules."""
+    idx = ModelIndex.template("sd1")
+    a, b = AD / "sd1_peft", AD / "sd1_kohya_lora.safetensors"
+    out = tmp_path / "mix.safetensors"
+    M.merge_adapters([(str(a), 0.5), (str(b), 1.0)], out, M.AdapterMergeOptions(method="concat", dtype="fp32",
+                                                                                 no_date=True), quiet=True)
+    da, db, do = _deltas(a, idx, 0.5), _deltas(b, idx), _out_deltas(out, idx)
+    assert set(do) == set(da) | set(db)
+    for k, v in do.items():
+        torch.testing.assert_close(v, da.get(k, 0) + db.get(k, 0), rtol=1e-5, atol=1e-6)
+    assert all(k.startswith(("lora_unet_", "lora_te_")) for k in load_file(out))
+
+
 def test_budget_and_dora_refused(tmp_path):
     a, b = AD / "sd1_kohya_lora.safetensors", AD / "sd1_kohya_locon.safetensors"
     out = tmp_path / "b.safetensors"
@@ -508,3 +526,46 @@ def test_device_cuda_without_cuda(tmp_path):
     r = CliRunner().invoke(merge_cmd, [str(SD1), str(AD / "sd1_kohya_lora.safetensors"), "-o",
                                        str(tmp_path / "c.safetensors"), "--device", "cuda", "-q"])
     assert r.exit_code == 2 and "CUDA" in r.output
+
+
+def test_weighted_sum_matches_sd_mecha(tmp_path):
+    sd_mecha = pytest.importorskip("sd_mecha")
+    tuned = FIX / "sd1" / "tuned.safetensors"
+    ref = tmp_path / "mecha.safetensors"
+    recipe = sd_mecha.weighted_sum(sd_mecha.model(str(SD1)), sd_mecha.model(str(tuned)), alpha=0.3)
+    sd_mecha.merge(recipe, output=str(ref), output_dtype=torch.float32, threads=1)
+    ours = tmp_path / "ours.safetensors"
+    M.merge_models([str(SD1), str(tuned)], ours, M.ModelMergeOptions("weighted-sum", alpha=0.3, no_date=True), quiet=True)
+    o, r = load_file(ours), load_file(ref)
+    for k, v in o.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, r[k], rtol=1e-6, atol=1e-7)
+
+
+def test_sdxl_text_projection_is_transposed(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    up, down = torch.randn(48, 2), torch.randn(2, 48)
+    lora = tmp_path / "tp.safetensors"
+    save_file({"lora_te2_text_projection.lora_up.weight": up, "lora_te2_text_projection.lora_down.weight": down,
+               "lora_te2_text_projection.alpha": torch.tensor(2.0)}, str(lora))
+    out = load_file(bake(tmp_path, [(lora, 0.5)], ckpt_path=SDXL))
+    key = "conditioner.embedders.1.model.text_projection"
+    base = load_file(SDXL)[key]
+    torch.testing.assert_close(out[key], base + 0.5 * (up @ down).T)
+
+
+def test_model_merge_per_block_alphas(tmp_path, sd1_base):
+    tuned = FIX / "sd1" / "tuned.safetensors"
+    t = load_file(tuned)
+    out = tmp_path / "bw.safetensors"
+    r = CliRunner().invoke(merge_cmd, ["--models", str(SD1), str(tuned), "--method", "weighted-sum", "--block-weights",
+                                       ",".join(["1"] + ["0"] * 25), "-o", str(out), "-q", "--no-date"])
+    assert r.exit_code == 0, r.output
+    o = load_file(out)
+    for k, v in sd1_base.items():
+        if k.startswith("model.diffusion_model.input_blocks.") or k.startswith("model.diffusion_model.output_blocks."):
+            assert torch.equal(o[k], v), k  # alpha 0 there: A
+        elif k.startswith("cond_stage_model.") and v.is_floating_point():
+            assert torch.equal(o[k], t[k]), k  # BASE alpha 1: B

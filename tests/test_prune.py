@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -48,6 +45,16 @@ def _shape(lm):
     from lycotools.ops.prune import _weight_shape
 
     return _weight_shape(lm)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # torch.linalg.qr on tiny matrices takes ~15 ms with 2 OpenMP threads on a busy 2-core machine
+    # (4 µs with one); the fixtures' layers are tiny, so run this module single-threaded
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _opts(**kw):
@@ -252,10 +259,11 @@ def test_output_loads_in_lycoris_and_matches_our_delta(tmp_path):
     assert checked >= 5
 
 
-def test_output_loads_in_diffusers_and_fuses_to_our_delta(tmp_path):
+@pytest.mark.parametrize("name", ["sd1_peft", "sd1_diffusers_lora.safetensors"])  # UNet; UNet + text encoder
+def test_output_loads_in_diffusers_and_fuses_to_our_delta(tmp_path, name):
     diffusers = pytest.importorskip("diffusers")
     out = tmp_path / "o.safetensors"
-    prune(AD / "sd1_peft", out, _opts(budget="0.5"), quiet=True)
+    prune(AD / name, out, _opts(budget="0.5"), quiet=True)
     want = _deltas(out, SD1_BASE)
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(FIX / "sd1/diffusers", safety_checker=None,
                                                              local_files_only=True)
@@ -276,14 +284,25 @@ def test_output_loads_in_diffusers_and_fuses_to_our_delta(tmp_path):
         assert relative_error(d, got.float().reshape(d.shape)) < 1e-4, (comp, module)
         checked += 1
     assert checked == len(want) and checked > 50
+    if name == "sd1_diffusers_lora.safetensors":
+        assert any(c == "text_encoder" for c, _ in want)
 
 
 # ------------------------------------------------------------------------------------------------ CLI, metadata, report
 
 
+class _Run:
+    def __init__(self, r):
+        self.returncode, self.stdout, self.stderr = r.exit_code, r.stdout, r.stderr
+
+
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "lycotools.cli", "rank-prune", *map(str, args)],
-                          capture_output=True, text=True)
+    """The command in-process (click's runner): same exit status and streams, without a new interpreter."""
+    from click.testing import CliRunner
+
+    from lycotools.cli import main
+
+    return _Run(CliRunner().invoke(main, ["rank-prune", *map(str, args)]))
 
 
 def test_cli_report_metadata_and_determinism(tmp_path):
@@ -326,6 +345,33 @@ def test_cli_errors_and_help(tmp_path):
         assert r.returncode == 2 and "matplotlib" in r.stderr and not (tmp_path / "x.safetensors").exists()
 
 
+def test_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "p.png"
+    prune(AD / "sd1_kohya_locon.safetensors", tmp_path / "o.safetensors", _opts(budget="0.5"), plot_path=png, quiet=True)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_json_and_passthrough(tmp_path):
+    r = _cli(AD / "sd1_full.safetensors", "-o", tmp_path / "o.safetensors", "--rank", "2", "--json", "-q")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["passthrough"] and doc["layers"]  # norm modules copied, full diffs pruned
+    keys = load_file(str(tmp_path / "o.safetensors")).keys()
+    assert any(k.endswith(".w_norm") for k in keys)
+
+
+def test_nan_input_is_bad_input(tmp_path):
+    from safetensors.torch import save_file
+
+    sd = load_file(str(AD / "sd1_kohya_lora.safetensors"))
+    k = next(k for k in sd if k.endswith("lora_up.weight"))
+    sd[k][0, 0] = float("nan")
+    save_file(sd, str(tmp_path / "nan.safetensors"))
+    r = _cli(tmp_path / "nan.safetensors", "-o", tmp_path / "o.safetensors", "--rank", "2", "-q")
+    assert r.returncode == 2 and "NaN" in r.stderr and not (tmp_path / "o.safetensors").exists()
+
+
 def test_cli_batch(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
@@ -334,3 +380,124 @@ def test_cli_batch(tmp_path):
     r = _cli(src, "-o", tmp_path / "out", "--rank", "2", "-q")
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["sd1_kohya_lora.safetensors", "sd1_loha.safetensors"]
+
+
+# ------------------------------------------------------------------------------------------------ sensitivity
+
+SD1_DIFFUSERS = FIX / "sd1" / "diffusers"
+# two layers of the tiny SD1 text encoder with the same shape (32×32) and the same spectrum; the
+# diffusion loss depends on the first far more than on the second (measured: Eq. 9 scores ~1e-6 vs
+# ~1e-8 on these calibration images)
+FAVOURED = "lora_te_text_model_encoder_layers_0_self_attn_v_proj"
+IGNORED = "lora_te_text_model_encoder_layers_1_self_attn_q_proj"
+
+
+def _equal_spectra_lora(path):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for name in (FAVOURED, IGNORED):
+        U, _ = torch.linalg.qr(torch.randn(32, 2, generator=g))
+        V, _ = torch.linalg.qr(torch.randn(32, 2, generator=g))
+        sd[f"{name}.lora_up.weight"] = (U * torch.tensor([1.0, 0.5])).contiguous()
+        sd[f"{name}.lora_down.weight"] = V.T.contiguous()
+        sd[f"{name}.alpha"] = torch.tensor(2.0)
+    save_file(sd, str(path))
+
+
+def _calib_folder(folder, n=3):
+    from PIL import Image
+
+    folder.mkdir()
+    g = torch.Generator().manual_seed(1)
+    for i in range(n):
+        px = (torch.rand(24, 24, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(px).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"a photo of a thing number {i}")
+    return folder
+
+
+def test_sensitivity_prunes_differently_from_spectral(tmp_path):
+    pytest.importorskip("diffusers")
+    src = tmp_path / "eq.safetensors"
+    _equal_spectra_lora(src)
+    calib = _calib_folder(tmp_path / "calib")
+    budget = str(2 * 64)  # two triplets of a 32×32 layer
+    spec = prune(src, tmp_path / "spec.safetensors", _opts(budget=budget), quiet=True)
+    assert {l.name: l.new_rank for l in spec.layers} == {FAVOURED: 1, IGNORED: 1}  # equal spectra: one each
+    rep = tmp_path / "r.json"
+    sens = prune(src, tmp_path / "sens.safetensors",
+                 _opts(budget=budget, score="sensitivity", base=str(SD1_BASE), config=str(SD1_DIFFUSERS),
+                       calib=str(calib), steps=3), report_path=rep, quiet=True)
+    ranks = {l.name: l.new_rank for l in sens.layers}
+    assert ranks == {FAVOURED: 2, IGNORED: 0}, sens.scores
+    assert sens.scores[FAVOURED][1] > 10 * sens.scores[IGNORED][0]
+    assert sens.params_after <= sens.budget
+    meta = open_source(tmp_path / "sens.safetensors").metadata
+    assert meta["lycotools.rank_prune.score"] == "sensitivity"
+    assert json.loads(meta["lycotools.rank_prune.ranks"]) == ranks
+    # the kept triplets are the layer's own: the favoured layer comes back whole
+    want = _deltas(src)
+    got = _deltas(tmp_path / "sens.safetensors")
+    k = next(k for k in want if "layers.0.self_attn.v_proj" in k[1])
+    assert relative_error(want[k], got[k]) < 1e-5
+
+
+def test_sensitivity_cli_with_prompts_and_bad_input(tmp_path):
+    pytest.importorskip("diffusers")
+    out = tmp_path / "o.safetensors"
+    r = _cli(AD / "sd1_kohya_lora.safetensors", "-o", out, "--budget", "0.5", "--score", "sensitivity",
+             "--base", SD1_DIFFUSERS, "--prompts", "a cat", "--prompts", "a dog", "--steps", "2", "-q")
+    assert r.returncode == 0, r.stderr
+    assert open_source(out).metadata["lycotools.rank_prune.score"] == "sensitivity"
+    from lycotools.errors import BadInput
+
+    p = tmp_path / "p.safetensors"
+    with pytest.raises(BadInput, match="--config"):
+        prune(AD / "sd1_kohya_lora.safetensors", p, _opts(budget="0.5", score="sensitivity", base=str(SD1_BASE),
+                                                          prompts=("a cat",)), quiet=True)
+    with pytest.raises(BadInput, match="--base"):
+        prune(AD / "sd1_kohya_lora.safetensors", p, _opts(budget="0.5", score="sensitivity"), quiet=True)
+    with pytest.raises(BadInput, match="--calib"):
+        prune(AD / "sd1_kohya_lora.safetensors", p, _opts(budget="0.5", score="sensitivity", base=str(SD1_BASE)),
+              quiet=True)
+    assert not p.exists()
+
+
+def test_triplet_score_matches_peft_rank_allocator():
+    """Our EMA sensitivity × uncertainty and Eq. 9 combination against PEFT's AdaLoRA RankAllocator,
+    fed the same parameter values and gradients for a few steps."""
+    from types import SimpleNamespace
+
+    peft_layer = pytest.importorskip("peft.tuners.adalora.layer")
+    from lycotools.linalg import svd_of_product
+    from lycotools.ops.prune import _Triplets
+
+    g = torch.Generator().manual_seed(5)
+    out_f, in_f, k = 12, 10, 4
+    up, down = torch.randn(out_f, k, generator=g), torch.randn(k, in_f, generator=g)
+    lin = torch.nn.Linear(in_f, out_f)
+    layer = Layer("m", "m", "unet", "m", (out_f, in_f), "lora", k, 0, svd_of_product(up, down))
+    tr = _Triplets(layer, lin, torch.device("cpu"))
+    tr.remove()
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lora_A = torch.nn.ParameterDict({"default": torch.nn.Parameter(tr.Q.detach().clone())})
+            self.lora_B = torch.nn.ParameterDict({"default": torch.nn.Parameter(tr.P.detach().clone())})
+            self.lora_E = torch.nn.ParameterDict({"default": torch.nn.Parameter(tr.lam.detach().clone()[:, None])})
+
+    h = Holder()
+    alloc = peft_layer.RankAllocator(h, SimpleNamespace(beta1=0.85, beta2=0.85, target_r=2), "default")
+    for _ in range(4):
+        gA, gB, gE = torch.randn(k, in_f, generator=g), torch.randn(out_f, k, generator=g), torch.randn(k, generator=g)
+        tr.Q.grad, tr.P.grad, tr.lam.grad = gA.clone(), gB.clone(), gE.clone()
+        h.lora_A["default"].grad, h.lora_B["default"].grad, h.lora_E["default"].grad = gA, gB, gE[:, None]
+        tr.update()
+        alloc.update_ipt(h)
+    sA = alloc._element_score("lora_A.default").mean(dim=1, keepdim=True)
+    sB = alloc._element_score("lora_B.default").mean(dim=0).view(-1, 1)
+    peft_scores = alloc._combine_ipt(alloc._element_score("lora_E.default"), torch.cat([sA, sB], dim=1))
+    assert torch.allclose(tr.triplet_scores().float(), peft_scores.float(), rtol=1e-5, atol=1e-12)

@@ -87,12 +87,17 @@ def command(inputs, to, output, algo, rank, mode, mode_param, max_rank, base, fo
 
 
 def _expand(inputs, expand_inputs):
-    """Model paths; a folder of PEFT component folders (what --to peft writes) is one input, not a batch."""
+    """Model paths; a folder of PEFT component folders (what --to peft writes) or a diffusers ControlNet folder
+    is one input, not a batch."""
     from pathlib import Path
+
+    from ..ops.convert_controlnet import controlnet_folder_weights
 
     if len(inputs) == 1:
         p = Path(inputs[0])
         if p.is_dir() and any((p / c / "adapter_config.json").exists() for c in ("unet", "text_encoder", "text_encoder_2")):
+            return [p], False
+        if p.is_dir() and controlnet_folder_weights(p) is not None:
             return [p], False
     return expand_inputs(inputs)
 

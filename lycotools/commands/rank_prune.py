@@ -9,9 +9,9 @@ from ..cli_common import batch_outputs, common, err, run_batch
 HELP = """Shrink adapters to a uniform rank, a per-layer rule or a global parameter budget.
 
 \b
-Every module's ΔW is put in exact SVD form (LoRA/LoCon/AdaLoRA without forming the out×in
-matrix: QR of both factors and an SVD of the r×r core; LoHa, LoKr, Tucker and full diffs are
-materialised) and written back as a kohya LoRA/LoCon with one alpha (the largest new rank)
+Every module's ΔW is put in exact SVD form (LoRA/LoCon/AdaLoRA and LoHa without forming the
+out×in matrix: QR of both factors and an SVD of the r×r core; LoKr from the SVDs of its two
+Kronecker blocks; Tucker and full diffs are materialised) and written back as a kohya LoRA/LoCon with one alpha (the largest new rank)
 and each layer's old scale folded into its factors, so every layer keeps its effective
 strength. A rank ≥ the input's reproduces ΔW to fp32 rounding.
 
@@ -56,7 +56,8 @@ Examples:
 @click.option("--base", default=None, help="Base checkpoint: true layer shapes, and the model for --score sensitivity.")
 @click.option("--calib", default=None, help="Folder of images with .txt captions for --score sensitivity.")
 @click.option("--prompts", multiple=True, help="Prompt(s) for --score sensitivity with generated noise latents (repeatable).")
-@click.option("--config", "config", default=None, help="Diffusers folder (or unet/ folder) whose config.json builds the model for --score sensitivity.")
+@click.option("--config", "config", default=None, help="Diffusers folder (unet/, text_encoder/, tokenizer/, vae/ configs) that builds the --base model for "
+                   "--score sensitivity (default: --base itself when it is a diffusers folder).")
 @click.option("--steps", type=int, default=8, show_default=True, help="Forward/backward passes for --score sensitivity.")
 @click.option("--device", default="cpu", show_default=True, help="Device for --score sensitivity (cpu, cuda).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed (randomized SVDs, timesteps, noise).")
@@ -91,6 +92,17 @@ def command(inputs, output, rank, mode, mode_param, budget, score, min_rank, max
             click.echo(json.dumps(report_doc(res, opts), indent=1))
         return 0
     pairs = batch_outputs(items, output)
+    if jobs > 1:
+        # build the architecture templates (and import diffusers/transformers) once, here: diffusers'
+        # lazy imports are not thread-safe, and parallel first uses raise ImportError
+        from ..layouts.model_index import ModelIndex
+        from ..ops.inspect import ADAPTER_ARCHS
+
+        for arch in ADAPTER_ARCHS:
+            ModelIndex.template(arch)
+        if score == "sensitivity":
+            from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: F401
+            from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: F401
 
     def work(src, dst):
         rep = str(Path(report).with_name(f"{dst.stem}.json")) if report else None
@@ -109,6 +121,13 @@ def _summary(res):
                err=True)
     if res.passthrough:
         click.echo(f"lycotools: {len(res.passthrough)} modules copied unchanged (not prunable: DoRA, IA3, norms, OFT...)",
+                   err=True)
+    if res.unscored:
+        click.echo(f"lycotools: warning: {len(res.unscored)} layers are not in the --base model, so have no "
+                   f"sensitivity score and were dropped: {', '.join(res.unscored[:3])}"
+                   f"{' ...' if len(res.unscored) > 3 else ''}", err=True)
+    if res.bias_dropped:
+        click.echo(f"lycotools: warning: {len(res.bias_dropped)} bias changes (diff_b) not stored: a LoRA carries no bias",
                    err=True)
     if res.dropped:
         click.echo(f"lycotools: warning: {len(res.dropped)} modules skipped (no target, or not prunable and not "

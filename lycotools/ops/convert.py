@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,21 +42,27 @@ class ConvertOptions:
 
 
 def input_kind(path) -> str:
-    """'adapter', 'checkpoint' or 'embedding' (BadInput when it is none of them)."""
+    """'adapter', 'checkpoint', 'controlnet' or 'embedding' (BadInput when it is none of them)."""
     from ..io.readers import open_source
     from ..layouts.adapter_keys import group_keys
     from ..layouts.checkpoint import detect_checkpoint
     from ..layouts.embeddings import detect_embedding
 
+    from .convert_controlnet import controlnet_folder_weights, controlnet_layout
+
     p = Path(path)
     if p.is_dir() and any((p / c / "adapter_config.json").exists() for c in PEFT_COMPONENTS):
         return "adapter"
+    if p.is_dir() and controlnet_folder_weights(p) is not None:
+        return "controlnet"
     src = open_source(p)
     try:
         if getattr(src, "kind", None) == "peft":
             return "adapter"
         if detect_embedding(src) is not None:
             return "embedding"
+        if controlnet_layout(src.keys()) is not None:
+            return "controlnet"
         groups = group_keys(src.keys())
         n_adapter = sum(len(s) for s in groups.modules.values())
         if groups.modules and n_adapter >= len(groups.leftovers):
@@ -75,12 +80,22 @@ def convert_one(path, output, opts: ConvertOptions, *, overwrite: bool = False, 
         if opts.to not in ADAPTER_TARGETS:
             raise BadInput(path, f"this is an adapter; --to {opts.to} is not an adapter target",
                            hint=f"use one of {', '.join(ADAPTER_TARGETS)}")
+        if opts.algo is None and (opts.rank is not None or opts.mode != "fixed" or opts.max_rank is not None):
+            raise BadInput(None, "--rank, --mode and --max-rank apply to --algo lora only",
+                           hint="add --algo lora to turn the modules into plain LoRA by SVD")
         if opts.dtype and opts.dtype.startswith("fp8"):
             raise BadInput(path, "fp8 is a checkpoint dtype; adapters take fp32, fp16 or bf16")
         res = convert_adapter(path, output, opts.adapter(), overwrite=overwrite, report_path=report_path, quiet=quiet)
         if not quiet:
             print_summary(res)
         return res
+    if kind == "controlnet":
+        from .convert_controlnet import convert_controlnet
+
+        if opts.to not in CHECKPOINT_TARGETS:
+            raise BadInput(path, f"this is a ControlNet; --to {opts.to} is not a ControlNet target",
+                           hint="use --to diffusers or --to single-file (the original layout)")
+        return convert_controlnet(path, output, opts, overwrite=overwrite, quiet=quiet)
     if kind == "checkpoint":
         from .convert_checkpoint import convert_checkpoint
 

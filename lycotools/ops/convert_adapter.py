@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,17 +51,18 @@ PEFT_COMPONENTS = ("unet",) + TE_COMPONENTS
 HOLDS = {
     "kohya": {"lora"},
     "lycoris": {"lora", "lora_mid", "lora_sparse", "dora", "dora_in", "loha", "lokr", "full", "norm", "ia3", "oft",
-                "boft", "glora"},
-    "peft": {"lora", "dora"},
+                "boft", "glora", "loha_dora", "lokr_dora"},
+    "peft": {"lora", "dora", "loha"},
     "diffusers": {"lora"},
     "comfy": {"lora", "lora_mid", "dora_in", "loha", "lokr", "full", "norm"},
 }
 KIND_TEXT = {
     "lora_mid": "Tucker LoCon (lora_mid)", "lora_sparse": "LoRA with a sparse residual", "dora": "DoRA",
     "dora_in": "DoRA (input axis)", "loha": "LoHa", "lokr": "LoKr", "full": "full diff", "norm": "norm diff",
-    "ia3": "(IA)3", "oft": "OFT", "boft": "BOFT", "glora": "GLoRA",
+    "ia3": "(IA)3", "oft": "OFT", "boft": "BOFT", "glora": "GLoRA", "loha_dora": "LoHa with DoRA",
+    "lokr_dora": "LoKr with DoRA",
 }
-_NEEDS_BASE = {"dora", "dora_in", "ia3", "oft", "boft", "glora"}
+_NEEDS_BASE = {"dora", "dora_in", "ia3", "oft", "boft", "glora", "loha_dora", "lokr_dora"}
 _META_DROP = ("sshs_", "lora_adapter_metadata", "format", "lycotools.")
 
 
@@ -184,7 +184,7 @@ def _kind(mod) -> str:
             return "lora_sparse"
         return "lora"
     if mod.algo in ("loha", "lokr") and "dora_scale" in t:
-        return "dora" if _dora_out_axis(t) else "dora_in"
+        return f"{mod.algo}_dora"
     return mod.algo
 
 
@@ -223,7 +223,7 @@ def _fit_lora(t: dict, shape: tuple) -> dict:
     if "dora_scale" in t:
         ds = t["dora_scale"]
         if _dora_out_axis(t):
-            out["dora_scale"] = ds.reshape(shape[0], *([1] * (len(shape) - 1)))
+            out["dora_scale"] = ds.reshape(-1, *([1] * (len(shape) - 1)))
     return out
 
 
@@ -262,11 +262,14 @@ def convert_adapter(input_path, output, opts: AdapterOptions, *, overwrite: bool
         bad = af.errors[0]
         raise BadInput(input_path, f"{len(af.errors)} module(s) cannot be read: {bad.error}")
     arch, index = _resolve(af, opts, input_path)
-    if af.unmatched:
+    result = AdapterResult(output=output, target=opts.to, arch=arch)
+    if af.unmatched and opts.drop_unsupported:
+        for lm in af.unmatched:
+            result.dropped.append((lm.name, f"matches no layer of a {arch} model"))
+    elif af.unmatched:
         names = ", ".join(lm.name for lm in af.unmatched[:3])
         raise BadInput(input_path, f"{len(af.unmatched)} module(s) match no layer of a {arch} model: {names}",
-                       hint="pass --base CHECKPOINT for a non-standard model")
-    result = AdapterResult(output=output, target=opts.to, arch=arch)
+                       hint="pass --base CHECKPOINT for a non-standard model, or --drop-unsupported")
     if af.groups.embeddings:
         if opts.to == "lycoris" or opts.to == "kohya":
             pass  # kept below
@@ -278,6 +281,8 @@ def convert_adapter(input_path, output, opts: AdapterOptions, *, overwrite: bool
     refused: list[tuple[str, str]] = []
     for lm in af.parsed:
         mod, tgt = lm.module, lm.target
+        if tgt is None:
+            continue
         kind = _kind(mod)
         tensors = dict(mod.tensors)
         rank_in = mod.rank
@@ -316,7 +321,7 @@ def convert_adapter(input_path, output, opts: AdapterOptions, *, overwrite: bool
     if refused:
         if not opts.drop_unsupported:
             what = Counter(w for _, w in refused)
-            desc = "; ".join(f"{n}: {w}" for w, n in what.items())
+            desc = "; ".join(f"{w}: {n}" for w, n in what.items())
             raise BadInput(input_path, f"{len(refused)} module(s) cannot be converted ({desc}); "
                            f"first: {refused[0][0]}; nothing written",
                            hint="use --algo lora --rank N to turn them into plain LoRA by SVD, "
@@ -520,6 +525,20 @@ def _lora_config(entries: list[tuple[str, int, float]], use_dora: bool) -> dict:
     }
 
 
+def _loha_config(cfg: dict, group: list, path) -> dict:
+    """PEFT LoHaConfig: ``alpha`` instead of ``lora_alpha``; ``use_effective_conv2d`` says whether k×k convs
+    carry Tucker cores (hada_t1/t2), so every k×k conv module must agree."""
+    tucker = {"hada_t1" in o.tensors for o in group if len(o.lm.target.shape) == 4 and o.lm.target.shape[2:] != (1, 1)}
+    if len(tucker) > 1:
+        raise BadInput(path, "PEFT LoHa has one use_effective_conv2d setting; this file mixes Tucker and plain "
+                       "LoHa on k×k convs", hint="use --to lycoris")
+    return {
+        "peft_type": "LOHA", "r": cfg["r"], "alpha": cfg["lora_alpha"], "target_modules": cfg["target_modules"],
+        "rank_pattern": cfg["rank_pattern"], "alpha_pattern": cfg["alpha_pattern"], "rank_dropout": 0.0,
+        "module_dropout": 0.0, "use_effective_conv2d": bool(tucker and tucker.pop()), "init_weights": True,
+    }
+
+
 def _num(a: float):
     return int(a) if float(a).is_integer() else float(a)
 
@@ -581,14 +600,21 @@ def _write_peft(af, outs, arch, index, output, opts, overwrite, input_path, resu
             folder = tmp / comp
             folder.mkdir()
             sd, entries = {}, []
-            use_dora = group[0].kind == "dora"
+            kind = group[0].kind
+            use_dora = kind == "dora"
             for o in group:
                 tgt, t = o.lm.target, o.tensors
                 path = _peft_module_path(tgt)
                 o.record.name = f"{comp}/{path}"
+                key = f"base_model.model.{path}"
+                if kind == "loha":
+                    entries.append((path, int(t["hada_w1_b"].shape[0]), _alpha_of(o)))
+                    for suf, v in t.items():
+                        if suf.startswith("hada_"):
+                            sd[f"{key}.{suf}"] = _cast(v, suf, opts)
+                    continue
                 r = int(t["lora_down.weight"].shape[0])
                 entries.append((path, r, _alpha_of(o)))
-                key = f"base_model.model.{path}"
                 sd[f"{key}.lora_A.weight"] = _cast(t["lora_down.weight"], "lora_down.weight", opts)
                 sd[f"{key}.lora_B.weight"] = _cast(t["lora_up.weight"], "lora_up.weight", opts)
                 if use_dora:
@@ -597,6 +623,8 @@ def _write_peft(af, outs, arch, index, output, opts, overwrite, input_path, resu
                         ds = ds.reshape(1, -1, 1, 1)
                     sd[f"{key}.lora_magnitude_vector"] = _cast(ds, "dora_scale", opts)
             cfg = _lora_config(entries, use_dora)
+            if kind == "loha":
+                cfg = _loha_config(cfg, group, input_path)
             cfg.update({"base_model_name_or_path": None, "task_type": None, "inference_mode": True,
                         "modules_to_save": None, "revision": None})
             (folder / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

@@ -589,8 +589,8 @@ def merge_adapters(specs, output, opts: AdapterMergeOptions, *, overwrite=False,
     dims = sorted(set(res.ranks.values()))
     dim = dims[0] if len(dims) == 1 else "Dynamic"
     meta = network_metadata(arch, "networks.lora", dim, dim, {"algo": "lora", "merge": opts.method})
-    names = [Path(p).name for p, _ in specs]
-    meta.update(modelspec(arch, "lora", output.stem, merged_from=names, no_date=opts.no_date))
+    meta.update(modelspec(arch, "lora", output.stem, merged_from=[Path(p).name for p, _ in specs],
+                          no_date=opts.no_date))
     meta.update(lycotools_record(
         "merge", [{"role": "adapter", "name": Path(p).name, "ratio": r, "sshs_model_hash": _file_hash(f.source)}
                   for (p, r), f in zip(specs, files)],
@@ -641,6 +641,8 @@ def _kohya_groups(specs, files, opts):
             names[lm.name] = lm.name
     for key, items in groups.items():
         shapes[key] = _group_shape(items, None)
+        if len(shapes[key]) == 2 and any(m.algo in ("loha", "lokr") for m, _, _ in items):
+            return None  # a flattened LoHa/LoKr conv: the model's kernel size is needed
     return arch, groups, names, shapes
 
 
@@ -732,7 +734,7 @@ def _sum_svd(items, shape, dev, k_hint: int, seed: int):
     """SVD of Σ ratio·ΔW: from stacked factors (no dense ΔW) when every input is a plain LoRA."""
     if all(_is_plain_lora(m) for m, _, _ in items):
         ups, downs = zip(*(_factors(m, r, shape, dev) for m, r, _ in items))
-        return svd_of_product(torch.cat(ups, 1), torch.cat(downs, 0)), None
+        return _svd_of_product64(torch.cat(ups, 1), torch.cat(downs, 0)), None
     M = None
     for m, r, _ in items:
         d = _dense(m, r, shape, dev)
@@ -740,32 +742,47 @@ def _sum_svd(items, shape, dev, k_hint: int, seed: int):
     return truncated_svd(M, k_hint, seed=seed, exact=True), M
 
 
+def _svd_of_product64(up: torch.Tensor, down: torch.Tensor):
+    """``linalg.svd_of_product`` done in float64 (the factors are thin, so this costs little) so that
+    the small kept singular values of the sum are exact to ~1e-7 relative, not fp32's ~1e-4."""
+    from ..linalg import SVD
+
+    if up.device.type == "mps":  # no float64 there
+        return svd_of_product(up, down)
+    up, down = up.double(), down.double()
+    Qu, Ru = torch.linalg.qr(up)
+    Qd, Rd = torch.linalg.qr(down.T)
+    Uc, S, Vhc = torch.linalg.svd(Ru @ Rd.T, full_matrices=False)
+    U, Vh = Qu @ Uc, (Qd @ Vhc.T).T
+    return SVD(U.float(), S.float(), Vh.float(), float(S.square().sum()), True)
+
+
 def _svd_merge(items, shape, r, opts, dev, name):
     s, _ = _sum_svd(items, shape, dev, r, layer_seed(opts.seed, name))
     r = max(0, min(r, s.S.numel()))
     up, down = s.U[:, :r] * s.S[:r], s.Vh[:r]
-    tot = float(s.S.double().square().sum())
+    tot = float(s.total_energy)
     kept = float(s.S[:r].double().square().sum())
     err = (max(tot - kept, 0.0) / tot) ** 0.5 if tot > 0 else 0.0
     return up, down, err
 
 
-def _budget_ranks(groups, shapes, opts, dev) -> dict[tuple, int]:
-    """Ranks per (component, module) that maximise kept energy within ``--budget`` parameters."""
-    layers, total = [], 0
-    for key, items in groups.items():
-        shape = shapes[key]
+def _budget_ranks(groups, shapes, opts, dev) -> dict:
+    """Ranks per module that maximise the kept energy within ``--budget`` parameters."""
+    layers, keys, total = [], list(groups), 0
+    for i, key in enumerate(keys):
+        items, shape = groups[key], shapes[key]
         k = min(shape[0], lora_cost(shape) - shape[0])
         s, _ = _sum_svd(items, shape, dev, max(k, 1), opts.seed)
         total += sum(int(m.num_params) for m, _, _ in items)
-        layers.append(LayerSpectrum(name="|".join(key), scores=[float(x) ** 2 for x in s.S.tolist()],
+        layers.append(LayerSpectrum(name=str(i), scores=[float(x) ** 2 for x in s.S.tolist()],
                                     cost_per_rank=lora_cost(shape), max_rank=s.S.numel()))
     try:
         budget = parse_budget(opts.budget, total_params=total)
         ranks = allocate_budget(layers, budget)
     except ValueError as e:
         raise BadInput(None, f"--budget {opts.budget!r}: {e}") from None
-    return {tuple(k.split("|", 1)): v for k, v in ranks.items()}
+    return {key: ranks[str(i)] for i, key in enumerate(keys)}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -5,7 +5,11 @@ Every module's ΔW (scale folded in) is put in exact SVD form U·diag(S)·Vh:
 * LoRA / LoCon (and PEFT AdaLoRA, whose ``B·diag(E)·A`` is a product too) by ``svd_of_product``:
   QR of both factors and the SVD of the r×r core, so the cost grows with the rank, not with the
   layer size; no out×in matrix is ever formed.
-* Tucker LoCon, LoHa, LoKr, full diffs and LoRA with a sparse residual: ΔW is materialised in its
+* LoHa (A1·B1)⊙(A2·B2) is the product (A1⊙ᵣA2)·(B1⊙꜀B2) of row-/column-wise Kronecker factors of
+  rank r1·r2, so it goes through ``svd_of_product`` too (while r1·r2 is below the layer's width).
+* LoKr scale·kron(W1, W2): the SVDs of the two small blocks give the whole SVD (σ_i·σ_j, Kronecker
+  products of the vectors), never forming ΔW.
+* Tucker LoCon, Tucker LoHa, full diffs and LoRA with a sparse residual: ΔW is materialised in its
   weight shape (flattened conv layouts reshaped by the resolved target) and SVD'd (exact up to a
   1024-wide side, randomized ``truncated_svd`` beyond).
 
@@ -41,10 +45,13 @@ budget is spent. This is the normalisation that keeps the most Frobenius energy 
 per parameter: the energy lost by dropping a triplet is exactly σ_i² and its price is its parameter
 count, so greedy by σ²/cost solves the relaxed knapsack. Measured against the alternatives on the
 fixtures' known deltas (``measure_normalisations``; numbers in the project report): σ²/‖ΔW_layer‖²
-per parameter (each layer's *relative* energy) and σ² without the cost division both lose more energy
-at every budget tried, and per-layer relative scores starve large-norm layers.
+per parameter (each layer's *relative* energy), σ² without the cost division, and σ/ΣS per parameter
+(nuclear, cumulative-style) all lose more energy at every budget tried (10–70 % of the parameters); e.g.
+the SD1 fixture's known deltas at 30 %: energy lost 0.417 (σ²/param) vs 0.456 (relative), 0.474
+(unpriced), 0.489 (nuclear); the SDXL ones: 0.417 vs 0.685, 0.466, 0.711. Relative scores starve
+large-norm layers; unpriced scores overpay for wide layers.
 
-``--score sensitivity`` is AdaLoRA's (Zhang et al. 2023): see ``lycotools.ops.prune_sensitivity``.
+``--score sensitivity`` is AdaLoRA's (Zhang et al. 2023): see ``sensitivity_scores`` below.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..adapter_file import AdapterFile
@@ -192,6 +200,8 @@ class PruneResult:
     layers: list[Layer] = field(default_factory=list)
     passthrough: list[str] = field(default_factory=list)  # modules copied unchanged
     dropped: list[str] = field(default_factory=list)  # modules that could not be carried over
+    bias_dropped: list[str] = field(default_factory=list)  # full-diff modules whose diff_b a LoRA cannot carry
+    unscored: list[str] = field(default_factory=list)  # --score sensitivity: layers not found in the model (dropped)
     params_before: int = 0
     params_after: int = 0
     fixed_params: int = 0
@@ -249,10 +259,43 @@ def _layer_svd(mod, shape: tuple, name: str, seed: int) -> SVD:
         up = flat(t["lora_B"]) * mod.scale
         down = flat(t["lora_A"]) * f32(t["lora_E"]).reshape(-1, 1)
         return svd_of_product(up, down)
+    if mod.algo == "loha" and "hada_t1" not in t:
+        # (A1·B1) ⊙ (A2·B2) = (A1 ⊙ᵣ A2)·(B1 ⊙꜀ B2): a product of rank r1·r2, no out×in matrix needed
+        a1, b1, a2, b2 = flat(t["hada_w1_a"]), flat(t["hada_w1_b"]), flat(t["hada_w2_a"]), flat(t["hada_w2_b"])
+        k = a1.shape[1] * a2.shape[1]
+        if k < min(a1.shape[0], b1.shape[1]):
+            up = (a1[:, :, None] * a2[:, None, :]).reshape(a1.shape[0], k) * mod.scale
+            down = (b1[:, None, :] * b2[None, :, :]).reshape(k, b1.shape[1])
+            return svd_of_product(up, down)
+    if mod.algo == "lokr":
+        return _kron_svd(mod)
     d = mod.delta(shape).reshape(shape[0], -1)
     if min(d.shape) <= EXACT_SIDE:
         return exact_svd(d)
     return truncated_svd(d, min(RANDOM_CAP, min(d.shape)), seed=layer_seed(seed, name))
+
+
+def _kron_svd(mod) -> SVD:
+    """Exact SVD of scale·kron(W1, W2) from the SVDs of the two blocks: singular values σ_i(W1)·σ_j(W2),
+    vectors the Kronecker products of the blocks' vectors (conv W2 flattened to (b, d·kh·kw), which is
+    how the flattened ΔW's columns are laid out)."""
+    from ..adapters import lokr
+
+    w1 = lokr.w1(mod.tensors)
+    w2 = lokr.w2(mod.tensors)
+    w2 = w2.reshape(w2.shape[0], -1)
+    s1, s2 = exact_svd(w1), exact_svd(w2)
+    prod = (s1.S[:, None] * s2.S[None, :]).reshape(-1) * abs(mod.scale)
+    order = torch.argsort(prod, descending=True, stable=True)
+    top = float(prod[order[0]]) if prod.numel() else 0.0
+    keep = order[prod[order] > top * ZERO_RTOL] if top > 0 else order[:1]
+    i, j = keep // s2.S.numel(), keep % s2.S.numel()
+    U = (s1.U[:, i][:, None, :] * s2.U[:, j][None, :, :]).reshape(-1, keep.numel())
+    Vh = (s1.Vh[i][:, :, None] * s2.Vh[j][:, None, :]).reshape(keep.numel(), -1)
+    if mod.scale < 0:
+        U = -U
+    S = prod[keep]
+    return SVD(U.contiguous(), S.contiguous(), Vh.contiguous(), float(S.double().square().sum()), True)
 
 
 def _index_for(af: AdapterFile, base: str | None):
@@ -313,6 +356,9 @@ def read_layers(path, opts: PruneOptions, quiet: bool = True):
             if out_name is None or shape is None:
                 dropped.append(lm.name)
                 continue
+            for suf, t in mod.tensors.items():
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise BadInput(path, f"module {lm.name}: {suf} contains NaN or infinite values")
             try:
                 svd = _layer_svd(mod, shape, out_name, opts.seed)
             except ValueError as e:
@@ -404,7 +450,9 @@ def choose_ranks(layers: list[Layer], opts: PruneOptions, budget: int | None = N
         return
     if opts.mode:
         for l in layers:
-            r = rank_for_mode(l.spectrum, opts.mode, opts.mode_param, l.svd.total_energy if l.svd.exact else None)
+            # ‖ΔW‖² is known exactly even when only the top of the spectrum was computed; the nuclear
+            # norm (cumulative) is then that of the computed top values
+            r = rank_for_mode(l.spectrum, opts.mode, opts.mode_param, l.svd.total_energy)
             l.new_rank = _clamp(r, l, opts, 1) if r > 0 else 0
         return
     spectra = []
@@ -473,6 +521,7 @@ def prune(path, output, opts: PruneOptions, *, overwrite: bool = False, report_p
         raise BadInput(path, "no module can be pruned (LoRA, LoCon, LoHa, LoKr, full or AdaLoRA expected)")
     fixed = sum(int(t.numel()) for d in passthrough.values() for k, t in d.items() if not k.endswith(".alpha"))
     res = PruneResult(output, arch, layers, sorted(passthrough), dropped, params_before=in_params, fixed_params=fixed)
+    res.bias_dropped = [l.src_name for l in layers if l.algo == "full" and "diff_b" in af.groups.modules.get(l.src_name, {})]
     scores = None
     if opts.budget:
         bpp = torch.empty((), dtype=DTYPES[opts.dtype] if opts.dtype else _main_dtype(af)).element_size()
@@ -485,10 +534,9 @@ def prune(path, output, opts: PruneOptions, *, overwrite: bool = False, report_p
             raise BadInput(path, f"--budget {opts.budget} ({budget} parameters) is below the {fixed} parameters "
                            "of the modules that are copied unchanged")
         if opts.score == "sensitivity":
-            from .prune_sensitivity import sensitivity_scores
-
             scores = sensitivity_scores(layers, opts, quiet=quiet)
             res.scores = scores
+            res.unscored = [name for name, sc in scores.items() if not sc]
         choose_ranks(layers, opts, budget - fixed, scores)
     else:
         choose_ranks(layers, opts)
@@ -562,6 +610,8 @@ def report_doc(res: PruneResult, opts: PruneOptions) -> dict:
         "energy_kept": res.energy_kept(),
         "passthrough": res.passthrough,
         "dropped": res.dropped,
+        "bias_changes_not_stored": res.bias_dropped,
+        "not_scored": res.unscored,
         "layers": [
             {"name": l.name, "component": l.component, "module": l.module, "block": l.block, "shape": list(l.shape),
              "algo_before": l.algo, "rank_before": l.in_rank, "spectrum_rank": l.useful, "rank_after": l.new_rank,
@@ -574,7 +624,9 @@ def report_doc(res: PruneResult, opts: PruneOptions) -> dict:
 
 
 def write_report(path, res: PruneResult, opts: PruneOptions):
-    Path(path).write_text(json.dumps(report_doc(res, opts), indent=1))
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(report_doc(res, opts), indent=1))
 
 
 def require_matplotlib():
@@ -582,7 +634,7 @@ def require_matplotlib():
         import matplotlib  # noqa: F401
     except ImportError:
         raise BadInput(None, "--plot needs matplotlib, which is not installed",
-                       hint="pip install matplotlib (or pip install 'lycotools[plot]')") from None
+                       hint="pip install 'lycotools[plot]' (or pip install matplotlib)") from None
 
 
 def plot_ranks(path, res: PruneResult):
@@ -616,6 +668,276 @@ def plot_ranks(path, res: PruneResult):
     ax.set_title(f"{Path(str(res.output)).name}: {res.params_before} → {res.params_after} params, "
                  f"{100 * res.energy_kept():.1f}% energy kept", fontsize=9)
     ax.legend(fontsize=8)
+    ax.set_ylim(0, max(before + after + [1]) * 1.35)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------
+# --score sensitivity (AdaLoRA, Zhang et al. 2023, §A.3 of merging_adalora_layouts.md)
+# ------------------------------------------------------------------------------------------------
+
+BETA1 = BETA2 = 0.85
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInput(None, "--device cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def _config_folder(opts: PruneOptions, base_kind: str) -> Path:
+    if opts.config:
+        p = Path(opts.config)
+    elif base_kind == "diffusers":
+        p = Path(opts.base)
+    else:
+        raise BadInput(opts.base, "--score sensitivity with a single-file base needs --config FOLDER "
+                       "(a diffusers folder of the same architecture: unet/, text_encoder/, tokenizer/ configs)")
+    if not p.is_dir():
+        raise BadInput(p, "--config must be a diffusers folder (with unet/config.json, text_encoder/config.json, tokenizer/)")
+    return p
+
+
+def _sub(folder: Path, name: str) -> Path:
+    q = folder / name
+    if not q.exists():
+        raise BadInput(folder, f"--config folder has no {name}/ (needed to build the model for --score sensitivity)")
+    return q
+
+
+def _load_into(model, sd: dict, path, what: str, strip_text_model: bool = False):
+    if strip_text_model and not any(k.startswith("text_model.") for k in model.state_dict()):
+        sd = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in sd.items()}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing:
+        raise BadInput(path, f"the base's {what} does not fit the config: {len(missing)} weights missing "
+                       f"(first: {missing[0]})", hint="pass --config with the base's own diffusers configs")
+
+
+@dataclass
+class CalibModels:
+    unet: object
+    text_encoder: object
+    tokenizer: object
+    vae: object | None
+    scheduler: object
+
+
+def build_models(opts: PruneOptions, need_vae: bool, dev: torch.device) -> CalibModels:
+    """The diffusers UNet, CLIP text encoder (and VAE for images) of ``opts.base``, from the configs of
+    ``opts.config`` (or the base itself when it is a diffusers folder)."""
+    from ..layouts.checkpoint import single_to_diffusers_state_dicts, split_diffusers_flat
+
+    with open_source(opts.base) as src:
+        from ..layouts.checkpoint import detect_checkpoint
+
+        info = detect_checkpoint(src.shapes())
+        if info.arch not in ("sd1", "sd2"):
+            raise BadInput(opts.base, f"--score sensitivity supports SD1/SD2 bases for now, this is {info.arch}")
+        flat_sd = {k: src.get(k) for k in src.keys()}
+        kind = src.kind
+    comps = split_diffusers_flat(flat_sd) if info.layout == "diffusers" else single_to_diffusers_state_dicts(flat_sd, info.arch)
+    del flat_sd
+    folder = _config_folder(opts, kind)
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(_sub(folder, "unet"))))
+    _load_into(unet, comps.get("unet", {}), opts.base, "UNet")
+    te = CLIPTextModel(CLIPTextConfig.from_pretrained(str(_sub(folder, "text_encoder"))))
+    _load_into(te, comps.get("text_encoder", {}), opts.base, "text encoder", strip_text_model=True)
+    tok = CLIPTokenizer.from_pretrained(str(_sub(folder, "tokenizer")))
+    vae = None
+    if need_vae:
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(_sub(folder, "vae"))))
+        _load_into(vae, comps.get("vae", {}), opts.base, "VAE")
+        vae.to(dev).eval().requires_grad_(False)
+    sched_dir = folder / "scheduler"
+    sched_cfg = {}
+    if sched_dir.exists():
+        sched_cfg = {k: v for k, v in DDPMScheduler.load_config(str(sched_dir)).items()
+                     if k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")}
+    sched = DDPMScheduler(**{"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, **sched_cfg})
+    for m in (unet, te):
+        m.to(dev).eval().requires_grad_(False)
+    return CalibModels(unet, te, tok, vae, sched)
+
+
+def read_calib(folder) -> list[tuple[Path, str]]:
+    """(image, caption) pairs: every image in the folder with the text of its same-stem .txt (or "")."""
+    p = Path(folder)
+    if not p.is_dir():
+        raise BadInput(p, "--calib must be a folder of images with .txt captions")
+    items = []
+    for img in sorted(p.iterdir()):
+        if img.suffix.lower() in IMAGE_EXTS:
+            cap = img.with_suffix(".txt")
+            items.append((img, cap.read_text().strip() if cap.exists() else ""))
+    if not items:
+        raise BadInput(p, "no images in the calibration folder (png, jpg, webp, bmp)")
+    return items
+
+
+def _encode_images(paths, models: CalibModels, dev) -> torch.Tensor:
+    from PIL import Image
+
+    f = 2 ** (len(models.vae.config.block_out_channels) - 1)
+    size = int(models.unet.config.sample_size) * f
+    xs = []
+    for p in paths:
+        try:
+            im = Image.open(p).convert("RGB").resize((size, size), Image.BICUBIC)
+        except Exception as e:
+            raise BadInput(p, f"cannot read the calibration image: {e}") from e
+        t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(size, size, 3)
+        xs.append(t.permute(2, 0, 1).float() / 127.5 - 1)
+    x = torch.stack(xs).to(dev)
+    with torch.no_grad():
+        lat = models.vae.encode(x).latent_dist.mean
+    return lat * float(getattr(models.vae.config, "scaling_factor", 0.18215))
+
+
+def _find_module(root, path: str):
+    mods = dict(root.named_modules())
+    for cand in (path, path[len("text_model."):] if path.startswith("text_model.") else "text_model." + path):
+        if cand in mods:
+            return mods[cand]
+    return None
+
+
+class _Triplets:
+    """One adapted layer in SVD form P·diag(λ)·Q, added to the layer's output by a forward hook."""
+
+    def __init__(self, layer: Layer, module, dev):
+        k = layer.useful
+        self.layer = layer
+        self.P = layer.svd.U[:, :k].clone().to(dev).requires_grad_(True)
+        self.lam = layer.svd.S[:k].clone().to(dev).requires_grad_(True)
+        self.Q = layer.svd.Vh[:k].clone().to(dev).requires_grad_(True)
+        self.module = module
+        self.conv = isinstance(module, torch.nn.Conv2d)
+        self.handle = module.register_forward_hook(self._hook)
+        self.ipt = {n: None for n in ("P", "lam", "Q")}
+        self.unc = {n: None for n in ("P", "lam", "Q")}
+
+    def params(self):
+        return {"P": self.P, "lam": self.lam, "Q": self.Q}
+
+    def _hook(self, mod, inputs, out):
+        x = inputs[0]
+        k = self.lam.numel()
+        if self.conv:
+            q = self.Q.reshape(k, *mod.weight.shape[1:])
+            h = F.conv2d(x, q, None, mod.stride, mod.padding, mod.dilation, mod.groups)
+            h = h * self.lam.reshape(1, k, 1, 1)
+            return out + F.conv2d(h, self.P.reshape(self.P.shape[0], k, 1, 1))
+        return out + F.linear(F.linear(x, self.Q) * self.lam, self.P)
+
+    def update(self):
+        """AdaLoRA's smoothed sensitivity and uncertainty (β1 = β2 = 0.85) from this step's gradients."""
+        for n, w in self.params().items():
+            if w.grad is None:
+                g = torch.zeros_like(w)
+            else:
+                g = w.grad
+            ipt = (w.detach() * g).abs()
+            if self.ipt[n] is None:
+                self.ipt[n] = torch.zeros_like(ipt)
+                self.unc[n] = torch.zeros_like(ipt)
+            self.ipt[n] = BETA1 * self.ipt[n] + (1 - BETA1) * ipt
+            self.unc[n] = BETA2 * self.unc[n] + (1 - BETA2) * (ipt - self.ipt[n]).abs()
+            w.grad = None
+
+    def triplet_scores(self) -> torch.Tensor:
+        """Eq. 9: s(λ_i) + mean_j s(P_ji) + mean_j s(Q_ij), s = Ī·Ū."""
+        if self.ipt["lam"] is None:
+            return torch.zeros(self.lam.numel())
+        s = {n: self.ipt[n] * self.unc[n] for n in self.ipt}
+        return (s["lam"] + s["P"].mean(dim=0) + s["Q"].mean(dim=1)).detach().double().cpu()
+
+    def remove(self):
+        self.handle.remove()
+
+
+def sensitivity_scores(layers: list[Layer], opts: PruneOptions, quiet: bool = True) -> dict[str, list[float]]:
+    """AdaLoRA triplet scores from a few diffusion-loss forward/backward passes on calibration data.
+
+    Each layer is put in SVD form (its exact P·Λ·Q), added to the base model's layer output by a
+    forward hook; ε-prediction MSE at random timesteps with DDPM noise is back-propagated to P, λ and
+    Q only. |w·∂L/∂w| is smoothed by AdaLoRA's EMA (sensitivity Ī and uncertainty Ū, β1 = β2 = 0.85)
+    and combined into Eq. 9's triplet score (the same arithmetic as PEFT's ``RankAllocator``; a test
+    checks it). Each layer's triplets are then re-ordered by score (its SVD permuted accordingly), so
+    that keeping rank k keeps its k best-scored triplets, and ``allocate_budget`` keeps the triplets
+    with the highest score per parameter within the budget. This is one-shot pruning of a finished
+    adapter: nothing is trained, so AdaLoRA's cubic budget schedule (which anneals the budget during
+    training) does not apply; the EMA runs over the ``--steps`` calibration passes.
+    Returns {layer name: scores, non-increasing}.
+    """
+    if not opts.calib and not opts.prompts:
+        raise BadInput(None, "--score sensitivity needs --calib FOLDER (images + .txt captions) or --prompts")
+    dev = _device(opts.device)
+    g = torch.Generator().manual_seed(opts.seed)
+    items = read_calib(opts.calib) if opts.calib else None
+    models = build_models(opts, need_vae=items is not None, dev=dev)
+    roots = {"unet": models.unet, "text_encoder": models.text_encoder}
+    trips: list[_Triplets] = []
+    for l in layers:
+        if l.useful == 0 or l.component not in roots or l.module is None:
+            continue
+        mod = _find_module(roots[l.component], l.module)
+        if mod is None or not isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+            continue
+        if tuple(mod.weight.shape) != tuple(l.shape):
+            raise BadInput(opts.base, f"adapter module {l.src_name} has shape {list(l.shape)} but the base's "
+                           f"{l.module} is {list(mod.weight.shape)}: is this the adapter's base model?")
+        trips.append(_Triplets(l, mod, dev))
+    if not trips:
+        raise BadInput(opts.base, "no adapter layer was found in the base model (wrong --base or --config?)")
+    unet, te, tok, sched = models.unet, models.text_encoder, models.tokenizer, models.scheduler
+    if items is not None:
+        latents_all = _encode_images([p for p, _ in items], models, dev)
+        captions = [c for _, c in items]
+    else:
+        captions = list(opts.prompts)
+        shape = (len(captions), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+        latents_all = torch.randn(shape, generator=g).to(dev)  # noise latents (no images)
+    n = len(captions)
+    bs = max(1, min(opts.batch_size, n))
+    ids_all = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(dev)
+    T = sched.config.num_train_timesteps
+    bar = tqdm(range(opts.steps), desc="sensitivity", unit="step", file=sys.stderr, disable=quiet)
+    try:
+        for step in bar:
+            idx = [(step * bs + i) % n for i in range(bs)]
+            lat = latents_all[idx]
+            noise = torch.randn(lat.shape, generator=g).to(dev)
+            t = torch.randint(0, T, (bs,), generator=g).to(dev)
+            noisy = sched.add_noise(lat, noise, t)
+            with torch.enable_grad():
+                hidden = te(ids_all[idx])[0]
+                pred = unet(noisy, t, encoder_hidden_states=hidden).sample
+                target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(lat, noise, t)
+                loss = F.mse_loss(pred.float(), target.float())
+                loss.backward()
+            for tr in trips:
+                tr.update()
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+    finally:
+        for tr in trips:
+            tr.remove()
+    out: dict[str, list[float]] = {l.name: [] for l in layers}  # layers the model never reached: no score
+    for tr in trips:
+        sc = tr.triplet_scores()
+        order = torch.argsort(sc, descending=True, stable=True)
+        l = tr.layer
+        k = l.useful
+        svd = l.svd
+        l.svd = SVD(svd.U[:, :k][:, order], svd.S[:k][order], svd.Vh[:k][order], svd.total_energy, svd.exact)
+        out[l.name] = [float(x) for x in sc[order]]
+    return out
