@@ -32,10 +32,31 @@ class SVD:
     exact: bool  # whether S is the whole spectrum
 
 
+def frobenius2(M: torch.Tensor) -> float:
+    """‖M‖_F², accumulated in float64 without a float64 copy of M."""
+    return float(torch.linalg.vector_norm(M, dtype=torch.float64)) ** 2
+
+
+def truncation_error(svd: SVD, r: int) -> float | None:
+    """Relative Frobenius error of the rank-r truncation, from the spectrum alone.
+
+    Exact for the randomized SVD too: with orthonormal Q, A − Q·B_r splits into the orthogonal parts
+    (A − QQᵀA) and Q(B − B_r), so ‖A − Q·B_r‖² = ‖A‖² − Σ_{i<r} S_i². Returns None when the error is
+    so small that float cancellation would make this inaccurate (then compute it directly).
+    """
+    if svd.total_energy <= 0:
+        return 0.0
+    kept = float(svd.S[:r].double().square().sum()) / svd.total_energy
+    lost = 1.0 - kept
+    if lost < 1e-5:
+        return None
+    return math.sqrt(lost)
+
+
 def exact_svd(M: torch.Tensor) -> SVD:
     M = M.float()
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-    return SVD(U, S, Vh, float(M.square().sum()), True)
+    return SVD(U, S, Vh, frobenius2(M), True)
 
 
 def randomized_svd(M: torch.Tensor, k: int, *, oversample: int = 16, n_iter: int = 2, seed: int = 0) -> SVD:
@@ -62,7 +83,7 @@ def randomized_svd(M: torch.Tensor, k: int, *, oversample: int = 16, n_iter: int
     U, S, Vh = U[:, :k], S[:k], Vh[:k]
     if transpose:
         U, Vh = Vh.T, U.T
-    return SVD(U.contiguous(), S.contiguous(), Vh.contiguous(), float(M.square().sum()), False)
+    return SVD(U.contiguous(), S.contiguous(), Vh.contiguous(), frobenius2(M), False)
 
 
 def truncated_svd(M: torch.Tensor, k: int, *, seed: int = 0, exact: bool | None = None) -> SVD:
@@ -137,7 +158,7 @@ def kept_energy(s: SVD, r: int) -> float:
     """Fraction of ‖M‖_F² kept by the rank-r truncation."""
     if s.total_energy <= 0:
         return 1.0
-    return float(s.S[:r].double().square().sum()) / s.total_energy
+    return min(1.0, float(s.S[:r].double().square().sum()) / s.total_energy)
 
 
 def svd_of_product(up: torch.Tensor, down: torch.Tensor) -> SVD:

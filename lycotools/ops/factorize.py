@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..adapters import full, lokr, loha, lora
-from ..linalg import SVD, exact_svd, relative_error, truncated_svd
+from ..linalg import SVD, exact_svd, relative_error, truncated_svd, truncation_error
 
 
 @dataclass
@@ -35,8 +35,9 @@ def lora_from_svd(delta: torch.Tensor, svd: SVD, r: int) -> Factored:
     out = shape[0]
     up = svd.U[:, :r] * svd.S[:r]
     down = svd.Vh[:r]
-    approx = up @ down
-    err = relative_error(delta.reshape(out, -1), approx)
+    err = truncation_error(svd, r)
+    if err is None:  # near-exact: measure it rather than trust cancellation
+        err = relative_error(delta.reshape(out, -1), up @ down)
     if len(shape) > 2:
         up = up.reshape(out, r, *([1] * (len(shape) - 2)))
         down = down.reshape(r, *shape[1:])
