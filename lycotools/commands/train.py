@@ -18,10 +18,15 @@ from ..cli_common import common
 @click.option("--conv-rank", type=int, default=None, help="Rank of 3x3 convs (default: --rank for locon/loha/lokr, 0 for lora).")
 @click.option("--conv-alpha", type=float, default=None, help="Alpha of 3x3 convs.")
 @click.option("--factor", type=int, default=-1, show_default=True, help="LoKr factor (-1: balanced).")
+@click.option("--tucker/--no-tucker", default=False, show_default=True,
+              help="LoCon: Tucker-decomposed 3x3 convs (lora_mid); diffusers cannot load those files.")
+@click.option("--dora", is_flag=True, help="DoRA: also train a per-row weight magnitude (dora_scale).")
 @click.option("--train-text-encoder", is_flag=True, help="Also adapt the text encoder(s).")
 @click.option("--train-unet/--no-train-unet", default=True, show_default=True)
 @click.option("--text-encoder-lr", type=float, default=None, help="Learning rate of the text-encoder adapters (default --lr).")
 @click.option("--resolution", type=int, default=512, show_default=True, help="Square training size (px).")
+@click.option("--enable-bucket", is_flag=True, help="Aspect-ratio buckets (area <= resolution², sides multiples of --bucket-step).")
+@click.option("--bucket-step", type=int, default=64, show_default=True, help="Bucket side granularity in px.")
 @click.option("--caption-ext", default=".txt", show_default=True)
 @click.option("--default-caption", default=None, help="Caption of images without a caption file.")
 @click.option("--cache-latents-to-disk", is_flag=True, help="Keep the VAE latents on disk and reuse them.")
@@ -73,6 +78,12 @@ from ..cli_common import common
 def command(base, data, output, debug, quiet, overwrite, **kw):
     """Train an adapter on a folder of images with captions (kohya-style N_name repeat folders).
 
+    DATA is a folder of images with same-name caption files (sub-folders N_name repeat their images N
+    times), or a kohya dataset config (.toml: [[datasets]] / [[datasets.subsets]] with image_dir,
+    num_repeats, class_tokens, caption_extension, is_reg; its resolution, batch_size, enable_bucket and
+    bucket_reso_steps override the options). Writes OUT (kohya/LyCORIS adapter with ss_* and modelspec
+    metadata, or an embedding for --algo ti) and OUT_loss.csv.
+
     \b
     Examples:
       lycotools train sd15.safetensors photos/ -o my_lora.safetensors --rank 16 --steps 1000 --lr 1e-4
@@ -90,7 +101,7 @@ def command(base, data, output, debug, quiet, overwrite, **kw):
 
     opts = TrainOptions(**kw)
     res = train(base, data, output, opts, overwrite=overwrite, quiet=quiet)
-    if not quiet:
+    if not quiet and res.main_process:
         extra = ""
         if res.ranks:
             rs = list(res.ranks.values())

@@ -1,0 +1,454 @@
+"""train: each algorithm trains on the tiny SD1 fixture, and the saved file means exactly what was trained."""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from lycotools.adapter_file import AdapterFile
+from lycotools.io.readers import open_source
+from lycotools.layouts.model_index import ModelIndex
+
+FIX = Path(__file__).resolve().parent.parent / "fixtures"
+SD1 = FIX / "sd1/diffusers"
+RES = 32  # 64 px images, trained at 32 px (16x16 latents with the tiny 2-level VAE): keeps the file fast
+
+
+def _images(folder: Path, n=4, seed=0, caption="a photo of a thing, red"):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    for i in range(n):
+        a = (torch.rand(64, 64, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(a).save(folder / f"img{i}.png")
+        if caption is not None:
+            (folder / f"img{i}.txt").write_text(f"{caption} {i}")
+    return folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: intra-op threads only add overhead (10x slower here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return _images(tmp_path_factory.mktemp("data") / "2_thing")  # kohya N_name folder: 2 repeats
+
+
+def _train(data, out, **kw):
+    from lycotools.train.trainer import TrainOptions, train
+
+    kw.setdefault("steps", 10)
+    kw.setdefault("lr", 1e-2)
+    kw.setdefault("batch_size", 2)
+    kw.setdefault("resolution", RES)
+    opts = TrainOptions(no_date=True, device="cpu", **kw)
+    src = data if str(data).endswith(".toml") else data.parent
+    return train(SD1, src, out, opts, overwrite=True, quiet=True, keep_models=True)
+
+
+def _resolved(path):
+    af = AdapterFile.open(path).resolve(ModelIndex.from_source(open_source(SD1)))
+    assert not af.errors and not af.unmatched
+    return af
+
+
+def _merged_unet_matches(res, path):
+    """The UNet with the file's ΔW added to its weights equals the trained model (hooks on) to 1e-4."""
+    from lycotools.train.model import load_base
+
+    fresh = load_base(SD1, need_vae=False)
+    sd = fresh.unet.state_dict()
+    n = 0
+    for lm in _resolved(path).parsed:
+        if lm.target.component != "unet":
+            continue
+        key = lm.target.module + ".weight"
+        sd[key] = lm.module.apply(sd[key])[0]  # W + ΔW, or the DoRA merge
+        n += 1
+    fresh.unet.load_state_dict(sd)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 4, RES // 2, RES // 2, generator=g)
+    ehs = torch.randn(2, 77, 32, generator=g)
+    t = torch.tensor([10, 500])
+    trained = res.base.unet.eval()
+    with torch.no_grad():
+        y_trained = trained(x, t, ehs).sample
+        y_merged = fresh.unet.eval()(x, t, ehs).sample
+        y_base = load_base(SD1, need_vae=False).unet.eval()(x, t, ehs).sample
+    assert (y_trained - y_base).abs().max() > 1e-4, "training changed nothing"
+    assert torch.allclose(y_trained, y_merged, atol=1e-4, rtol=1e-4), (y_trained - y_merged).abs().max()
+    return n
+
+
+def _merged_te_matches(res, path):
+    """Same for the text encoder: file ΔW added to the weights == the trained encoder (hooks on)."""
+    from lycotools.train.model import load_base
+
+    fresh = load_base(SD1, need_vae=False).text_encoders["text_encoder"]
+    sd = fresh.state_dict()
+    n = 0
+    for lm in _resolved(path).parsed:
+        if lm.target.component != "text_encoder":
+            continue
+        key = lm.target.module + ".weight"
+        key = key if key in sd else key[len("text_model."):]
+        sd[key] = lm.module.apply(sd[key])[0]
+        n += 1
+    fresh.load_state_dict(sd)
+    ids = torch.tensor([[523, 5, 17, 99, 524] + [524] * 72])
+    with torch.no_grad():
+        a = res.base.text_encoders["text_encoder"].eval()(ids).last_hidden_state
+        b = fresh.eval()(ids).last_hidden_state
+    assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
+    return n
+
+
+def _lycoris_forward_matches(path):
+    lycoris = pytest.importorskip("lycoris")
+    import lycoris.modules as lm_
+
+    base = open_source(SD1)
+    checked = 0
+    for lm in _resolved(path).parsed:
+        W = base.get(lm.target.weight_key).float()
+        t = {k: v.float() for k, v in lm.module.tensors.items()}
+        g = t.get
+        if W.dim() == 2:
+            orig = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
+        else:
+            orig = torch.nn.Conv2d(W.shape[1], W.shape[0], W.shape[2:], padding=W.shape[2] // 2, bias=False)
+        with torch.no_grad():
+            orig.weight.copy_(W)
+            if "lora_up.weight" in t:
+                mod = lm_.LoConModule.make_module_from_state_dict("m", orig, g("lora_up.weight"), g("lora_down.weight"),
+                                                                  g("lora_mid.weight"), g("alpha"), g("dora_scale"))
+            elif "hada_w1_a" in t:
+                mod = lm_.LohaModule.make_module_from_state_dict("m", orig, g("hada_w1_a"), g("hada_w1_b"), g("hada_w2_a"),
+                                                                 g("hada_w2_b"), None, None, g("alpha"), g("dora_scale"))
+            else:
+                mod = lm_.LokrModule.make_module_from_state_dict("m", orig, g("lokr_w1"), None, None, g("lokr_w2"),
+                                                                 g("lokr_w2_a"), g("lokr_w2_b"), None, None, g("alpha"), g("dora_scale"))
+        mod.apply_to()
+        x = torch.randn(3, W.shape[1]) if W.dim() == 2 else torch.randn(2, W.shape[1], 6, 6)
+        with torch.no_grad():
+            y = orig(x)
+            W2 = lm.module.apply(W)[0]
+            ref = F.linear(x, W2) if W.dim() == 2 else F.conv2d(x, W2, padding=W.shape[2] // 2)
+        assert torch.allclose(y, ref, rtol=1e-4, atol=1e-5), lm.name
+        checked += 1
+        if checked >= 12:
+            break
+    assert checked
+
+
+@pytest.mark.parametrize("algo", ["lora", "locon", "loha", "lokr", "locon-dora", "locon-tucker"])
+def test_algo_trains_and_file_is_what_was_trained(tmp_path, data, algo):
+    from lycotools.ops.inspect import inspect_path
+
+    out = tmp_path / f"{algo}.safetensors"
+    kw = dict(rank=2, alpha=1.0)
+    if algo == "locon-dora":
+        algo, kw["dora"] = "locon", True
+    if algo == "locon-tucker":
+        algo, kw["tucker"] = "locon", True
+    if algo == "lora":
+        kw["train_text_encoder"] = True
+    if algo in ("lora", "loha"):
+        kw["gradient_checkpointing"] = True  # the hooks run inside checkpointed blocks
+    res = _train(data, out, algo=algo, **kw)
+    assert len(res.losses) == 10 and all(math.isfinite(l) for l in res.losses)
+    af = _resolved(out)
+    assert af.parsed and all(lm.module.delta(lm.target.shape).abs().max() > 0 for lm in af.parsed), "some factors never moved"
+    want = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr"}[algo]
+    assert {lm.module.algo for lm in af.parsed} == {want}
+    names = [lm.name for lm in af.parsed]
+    if algo == "lora":
+        assert any(n.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for n in names)
+        assert not any("resnets" in n for n in names)
+    else:
+        assert any("resnets_0_conv1" in n for n in names)  # 3x3 convs adapted
+    rep = inspect_path(out)
+    assert rep["kind"] == "adapter" and rep.get("arch") == "sd1", rep
+    meta = open_source(out).metadata
+    assert meta["ss_network_module"] == ("lycoris.kohya" if algo in ("loha", "lokr") or kw.get("dora") else "networks.lora")
+    if kw.get("dora"):
+        assert all("dora_scale" in lm.module.tensors for lm in af.parsed)
+    if kw.get("tucker"):
+        assert sum("lora_mid.weight" in lm.module.tensors for lm in af.parsed) > 10
+    assert meta["ss_max_train_steps"] == "10" and meta["ss_num_train_images"] == "8"  # 4 images x 2 repeats
+    assert meta["modelspec.architecture"].startswith("stable-diffusion-v1/")
+    assert _merged_unet_matches(res, out) > 10
+    if algo == "lora":
+        assert _merged_te_matches(res, out) == 12  # 2 layers x (q, k, v, out, fc1, fc2)
+    _lycoris_forward_matches(out)
+    rows = list(csv.DictReader(open(res.loss_log)))
+    assert len(rows) == 10 and all(math.isfinite(float(r["loss"])) for r in rows)
+
+
+def test_lora_loads_in_diffusers(tmp_path, data):
+    diffusers = pytest.importorskip("diffusers")
+    out = tmp_path / "l.safetensors"
+    res = _train(data, out, algo="locon", rank=2, alpha=1.0, steps=2, train_text_encoder=True)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(SD1, safety_checker=None, local_files_only=True)
+    models = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    before = {c: {k: v.clone() for k, v in m.state_dict().items()} for c, m in models.items()}
+    pipe.load_lora_weights(str(out))
+    pipe.fuse_lora()
+    after = {c: m.state_dict() for c, m in models.items()}
+    checked = 0
+    for lm in _resolved(out).parsed:
+        c = lm.target.component
+        mod = lm.target.module
+        if c == "text_encoder" and not any(k.startswith("text_model.") for k in before[c]):
+            mod = mod[len("text_model."):]
+        k = mod + ".weight"
+        got = after[c].get(k, after[c].get(mod + ".base_layer.weight"))
+        assert torch.allclose(got - before[c][k], lm.module.delta(before[c][k].shape), atol=1e-6), k
+        checked += 1
+    assert checked == len(res.ranks) and any(lm.target.component == "text_encoder" for lm in _resolved(out).parsed)
+
+
+def test_adalora_budget_gives_uneven_ranks(tmp_path, data):
+    out = tmp_path / "ada.safetensors"
+    res = _train(data, out, algo="adalora", init_rank=4, target_rank=2, alpha=4.0, tinit=2, tfinal=3, delta_t=1,
+                 orth_reg=0.1, steps=10)
+    n_layers = len(res.network.targets)
+    ranks = list(res.ranks.values())
+    assert len(set(ranks)) > 1, ranks
+    assert sum(ranks) <= 2 * n_layers
+    assert max(ranks) <= 4
+    meta = open_source(out).metadata
+    assert meta["ss_network_module"] == "networks.lora"
+    assert res.allocator.budget == 2 * n_layers
+    assert _merged_unet_matches(res, out) == len(ranks)
+    rows = list(csv.DictReader(open(res.loss_log)))
+    assert int(rows[0]["budget"]) == 4 * n_layers and int(rows[-1]["budget"]) == 2 * n_layers
+
+
+def test_textual_inversion_loads_in_diffusers(tmp_path, data):
+    diffusers = pytest.importorskip("diffusers")
+    from safetensors.torch import load_file
+
+    out = tmp_path / "emb.safetensors"
+    res = _train(data, out, algo="ti", token="<thing>", init_word="red", vectors=2, steps=4, lr=5e-2)
+    assert all(math.isfinite(l) for l in res.losses)
+    emb = load_file(out)["emb_params"]
+    assert emb.shape == (2, 32)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(SD1, safety_checker=None, local_files_only=True)
+    init = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.encode("red", add_special_tokens=False)[0]]
+    assert (emb[0] - init).abs().max() > 0, "the embedding did not train"
+    pipe.load_textual_inversion(str(out), token="<thing>")
+    ids = pipe.tokenizer.convert_tokens_to_ids(["<thing>", "<thing>_1"])
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids].detach(), emb)
+    # the rest of the vocabulary is untouched
+    old = res.base.text_encoders["text_encoder"].get_input_embeddings().weight[:100].detach()
+    assert torch.equal(old, pipe.text_encoder.get_input_embeddings().weight[:100].detach())
+
+
+def test_dreambooth_prior_loss_logged(tmp_path, data):
+    cls = _images(tmp_path / "class", n=3, seed=1, caption=None)
+    out = tmp_path / "db.safetensors"
+    res = _train(data, out, algo="lora", rank=2, steps=3, class_data=str(cls), class_prompt="a photo of a thing",
+                 prior_loss_weight=0.5)
+    assert len(res.prior_losses) == 3 and all(math.isfinite(p) and p > 0 for p in res.prior_losses)
+    rows = list(csv.DictReader(open(res.loss_log)))
+    assert all(float(r["prior_loss"]) > 0 for r in rows)
+    assert open_source(out).metadata["ss_num_reg_images"] == "3"
+
+
+def test_resume_continues_the_same_run(tmp_path, data):
+    from safetensors.torch import load_file
+
+    a = tmp_path / "a.safetensors"
+    _train(data, a, algo="lora", rank=2, steps=4, save_every=2, save_state=True, lr_scheduler="linear",
+           lr_warmup_steps=1, min_snr_gamma=5.0, noise_offset=0.05, grad_accum=2, batch_size=1)
+    state = tmp_path / "a-step000002.state.pt"
+    assert state.exists() and (tmp_path / "a-step000002.safetensors").exists()
+    b = tmp_path / "b.safetensors"
+    _train(data, b, algo="lora", rank=2, steps=4, save_state=False, lr_scheduler="linear", lr_warmup_steps=1,
+           min_snr_gamma=5.0, noise_offset=0.05, grad_accum=2, batch_size=1, resume=str(state))
+    ta, tb = load_file(a), load_file(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.allclose(ta[k], tb[k], atol=1e-6), k
+
+
+def test_single_file_with_config_same_bytes_as_folder(tmp_path, data):
+    """A single-file base (+ --config for its tiny configs and tokenizer) trains exactly like the same
+    model as a diffusers folder, and reruns with the same seed give the same bytes."""
+    from lycotools.train.trainer import TrainOptions, train
+
+    outs = []
+    for i, (base, cfg) in enumerate([(SD1, None), (FIX / "sd1/base.safetensors", str(SD1)), (SD1, None)]):
+        (tmp_path / str(i)).mkdir()
+        out = tmp_path / str(i) / "x.safetensors"
+        opts = TrainOptions(algo="locon", rank=2, steps=2, lr=1e-2, resolution=RES, batch_size=2, no_date=True,
+                            device="cpu", config_dir=cfg, seed=3)
+        train(base, data.parent, out, opts, quiet=True)
+        outs.append(out)
+    assert outs[0].read_bytes() == outs[2].read_bytes()
+    from safetensors.torch import load_file
+
+    a, b = load_file(outs[0]), load_file(outs[1])
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def _sdxl_config_folder(folder: Path) -> Path:
+    """Configs + tokenizers for the tiny SDXL fixture (a single file: it needs --config)."""
+    import importlib.util
+    import json
+    import shutil
+
+    spec = importlib.util.spec_from_file_location("make_fixtures", FIX / "make_fixtures.py")
+    mf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mf)
+    cfgs = {"unet": dict(mf.SDXL_UNET), "vae": dict(mf.SDXL_VAE),
+            "text_encoder": mf.clip_cfg(32, 2, 4, 64, "quick_gelu").to_dict(),
+            "text_encoder_2": mf.clip_cfg(48, 2, 4, 96, "gelu", projection_dim=48).to_dict()}
+    for c, cfg in cfgs.items():
+        (folder / c).mkdir(parents=True)
+        (folder / c / "config.json").write_text(json.dumps(cfg, default=list))
+    for t in ("tokenizer", "tokenizer_2"):
+        shutil.copytree(SD1 / "tokenizer", folder / t)
+    return folder
+
+
+def test_sdxl_lora_with_both_text_encoders(tmp_path, data):
+    from lycotools.train.trainer import TrainOptions, train
+
+    cfg = _sdxl_config_folder(tmp_path / "cfg")
+    out = tmp_path / "xl.safetensors"
+    opts = TrainOptions(algo="lora", rank=2, steps=2, lr=1e-2, resolution=RES, batch_size=2, no_date=True,
+                        device="cpu", config_dir=str(cfg), train_text_encoder=True)
+    res = train(FIX / "sdxl/base.safetensors", data.parent, out, opts, quiet=True)
+    assert all(math.isfinite(l) for l in res.losses)
+    af = AdapterFile.open(out).resolve(ModelIndex.from_source(open_source(FIX / "sdxl/base.safetensors")))
+    assert af.parsed and not af.unmatched and not af.errors
+    names = [lm.name for lm in af.parsed]
+    assert any(n.startswith("lora_unet_input_blocks_") for n in names)  # SDXL files use sgm UNet names
+    assert any(n.startswith("lora_te1_text_model_") for n in names) and any(n.startswith("lora_te2_text_model_") for n in names)
+    assert open_source(out).metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+
+
+def test_aspect_buckets(tmp_path):
+    from PIL import Image
+
+    from lycotools.train.data import bucket_for
+
+    assert bucket_for(1024, 1024, 512) == (512, 512)
+    w, h = bucket_for(1920, 1080, 512)
+    assert w % 64 == 0 and h % 64 == 0 and w * h <= 512 * 512 and w > h
+    d = tmp_path / "data" / "1_x"
+    d.mkdir(parents=True)
+    for i, size in enumerate([(64, 32), (64, 32), (32, 64), (48, 48)]):
+        Image.new("RGB", size, (i * 40, 100, 200)).save(d / f"i{i}.png")
+        (d / f"i{i}.txt").write_text("a thing")
+    res = _train(d, tmp_path / "b.safetensors", algo="lora", rank=2, steps=3, enable_bucket=True, bucket_step=16,
+                 cache_latents_to_disk=True)
+    assert all(math.isfinite(l) for l in res.losses)
+    info = json.loads(open_source(tmp_path / "b.safetensors").metadata["ss_bucket_info"])
+    sizes = sorted(tuple(b["resolution"]) for b in info["buckets"].values())
+    assert len(sizes) == 3 and (48, 16) in sizes and (16, 48) in sizes, sizes
+    assert len(list(d.glob("*.lycotools-latents-*.safetensors"))) == 4  # cached beside the images
+
+
+def test_dataset_config_toml(tmp_path, data):
+    reg = _images(tmp_path / "reg", n=2, seed=4, caption=None)
+    toml = tmp_path / "ds.toml"
+    toml.write_text(f"""
+[general]
+caption_extension = ".txt"
+shuffle_caption = true
+
+[[datasets]]
+resolution = {RES}
+batch_size = 1
+
+  [[datasets.subsets]]
+  image_dir = "{data}"
+  num_repeats = 3
+
+  [[datasets.subsets]]
+  image_dir = "reg"
+  class_tokens = "a photo of a thing"
+  is_reg = true
+""")
+    out = tmp_path / "t.safetensors"
+    res = _train(toml, out, algo="lora", rank=2, steps=2, resolution=512, batch_size=4)
+    meta = open_source(out).metadata
+    assert meta["ss_num_train_images"] == "12" and meta["ss_num_reg_images"] == "2"
+    assert meta["ss_batch_size_per_device"] == "1" and meta["ss_resolution"] == f"({RES}, {RES})"
+    assert len(res.prior_losses) == 2
+
+
+def test_sdxl_textual_inversion_and_v_prediction(tmp_path, data):
+    from safetensors.torch import load_file
+
+    from lycotools.train.trainer import TrainOptions, train
+
+    cfg = _sdxl_config_folder(tmp_path / "cfg")
+    out = tmp_path / "xl_emb.safetensors"
+    opts = TrainOptions(algo="ti", token="<thing>", init_word="red", vectors=2, steps=2, lr=1e-2, resolution=RES,
+                        no_date=True, device="cpu", config_dir=str(cfg), v_pred=True)
+    res = train(FIX / "sdxl/base.safetensors", data.parent, out, opts, quiet=True)
+    assert all(math.isfinite(l) for l in res.losses)
+    t = load_file(out)
+    assert t["clip_l"].shape == (2, 32) and t["clip_g"].shape == (2, 48)  # the SDXL embedding layout
+    meta = open_source(out).metadata
+    assert meta["ss_v_parameterization"] == "True" and meta["modelspec.prediction_type"] == "v"
+
+
+def _cli(*args):
+    from lycotools.commands.train import command
+
+    return CliRunner().invoke(command, [str(a) for a in args])
+
+
+def test_cli_bad_data_is_exit_2(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = _cli(SD1, empty, "-o", tmp_path / "x.safetensors", "--steps", "1")
+    assert r.exit_code == 2 and "no images found" in r.output
+    nocap = _images(tmp_path / "nocap", n=1, caption=None)
+    r = _cli(SD1, nocap, "-o", tmp_path / "x.safetensors", "--steps", "1")
+    assert r.exit_code == 2 and "no caption file" in r.output and "--default-caption" in r.output
+    bad = _images(tmp_path / "bad", n=1)
+    (bad / "broken.png").write_bytes(b"not a png")
+    (bad / "broken.txt").write_text("x")
+    r = _cli(SD1, bad, "-o", tmp_path / "x.safetensors", "--steps", "1")
+    assert r.exit_code == 2 and "broken.png" in r.output and "cannot read the image" in r.output
+    r = _cli(SD1, bad, "-o", tmp_path / "x.safetensors")
+    assert r.exit_code == 2 and "--steps" in r.output
+    r = _cli(SD1, bad, "-o", tmp_path / "x.safetensors", "--steps", "1", "--algo", "ti")
+    assert r.exit_code == 2 and "--token" in r.output
+    r = _cli(tmp_path / "nope.safetensors", nocap, "-o", tmp_path / "x.safetensors", "--steps", "1",
+             "--default-caption", "x")
+    assert r.exit_code == 2 and "nope.safetensors" in r.output
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_cli_trains_lora(tmp_path, data):
+    out = tmp_path / "cli.safetensors"
+    r = _cli(SD1, data.parent, "-o", out, "--epochs", "1", "--batch-size", "4", "--resolution", RES, "--rank", "2",
+             "--device", "cpu", "--save-precision", "fp16", "--no-date", "-q")
+    assert r.exit_code == 0, r.output
+    assert out.exists() and len(list(csv.DictReader(open(tmp_path / "cli_loss.csv")))) == 2  # 8 samples / 4
+    src = open_source(out)
+    assert {src.dtype(k) for k in src.keys() if not k.endswith(".alpha")} == {torch.float16}
+    assert {src.dtype(k) for k in src.keys() if k.endswith(".alpha")} == {torch.float32}
+    r = _cli(SD1, data.parent, "-o", out, "--steps", "1", "--resolution", RES, "-q")
+    assert r.exit_code == 2 and "already exists" in r.output
