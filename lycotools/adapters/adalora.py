@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import f32, flat, need, reshape_to
+from .base import f32, need, reshape_to
 
 ALGO = "adalora"
 SUFFIXES = ("lora_A", "lora_B", "lora_E")

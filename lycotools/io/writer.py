@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -49,16 +50,49 @@ def check_output(path, inputs=(), overwrite: bool = False) -> Path:
     return path
 
 
-def _umask_mode() -> int:
+def _umask_mode(base: int = 0o666) -> int:
+    """``base`` less the process umask: the mode an ordinary open()/mkdir() would give."""
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return base & ~mask
 
 
 def _publish(tmp: Path, dst: Path):
     """Give the temp file ordinary permissions (mkstemp makes it 0600) and move it into place."""
     os.chmod(tmp, _umask_mode())
     os.replace(tmp, dst)
+
+
+def check_output_folder(path, inputs=(), overwrite: bool = False) -> Path:
+    """Validate a folder output (diffusers, PEFT) before any work is done."""
+    path = Path(path)
+    for inp in inputs:
+        if Path(inp).resolve() == path.resolve():
+            raise BadInput(path, "output would overwrite an input; choose another output path")
+    if path.exists() and not overwrite:
+        raise BadInput(path, "output already exists", hint="pass --overwrite to replace it")
+    if not path.parent.exists():
+        raise BadInput(path, f"output folder {path.parent} does not exist")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_folder(output):
+    """Build a folder output in a hidden temp folder beside it; publish it by rename when the block
+    ends cleanly (replacing what was there), remove it on any error: never a half-written folder."""
+    output = Path(output)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".lycotools-tmp", dir=output.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, _umask_mode(0o777))  # mkdtemp makes it 0700
+        if output.is_dir():
+            shutil.rmtree(output)
+        elif output.exists():
+            output.unlink()
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:

@@ -36,7 +36,7 @@ import torch
 from ..adapter_file import AdapterFile, LoadedModule
 from ..errors import BadInput
 from ..io.metadata import lycotools_record, modelspec, network_metadata
-from ..io.writer import check_output, save_tensors
+from ..io.writer import atomic_folder, check_output, save_tensors
 from ..layouts import checkpoint as ckpt
 from ..layouts.adapter_keys import kohya_module_name
 from ..linalg import kept_energy, layer_seed, spectrum_for_mode
@@ -587,15 +587,11 @@ def _write_diffusers(af, outs, arch, index, output, opts, overwrite, input_path,
 
 
 def _write_peft(af, outs, arch, index, output, opts, overwrite, input_path, result):
-    import shutil
-    import tempfile
-
     by_comp: dict[str, list[_Out]] = {}
     for o in outs:
         by_comp.setdefault(o.lm.target.component, []).append(o)
     output = Path(output)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".lycotools-tmp", dir=output.parent))
-    try:
+    with atomic_folder(output) as tmp:
         for comp, group in by_comp.items():
             folder = tmp / comp
             folder.mkdir()
@@ -632,12 +628,6 @@ def _write_peft(af, outs, arch, index, output, opts, overwrite, input_path, resu
             meta.update(modelspec(arch, "lora", f"{output.name}/{comp}", no_date=opts.no_date))
             meta.update(_record(opts, input_path, result))
             save_tensors(folder / "adapter_model.safetensors", sd, meta)
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def print_summary(result: AdapterResult):

@@ -18,7 +18,6 @@ import json
 import math
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import click
@@ -27,7 +26,7 @@ from tqdm import tqdm
 
 from ..errors import BadInput
 from ..io.metadata import lycotools_record, modelspec
-from ..io.writer import SafetensorsWriter, check_output
+from ..io.writer import SafetensorsWriter, atomic_folder, check_output, check_output_folder
 from ..layouts import checkpoint as ckpt
 from ..layouts.model_view import CheckpointView
 
@@ -92,14 +91,9 @@ def _disk_key(comp: str, dkey: str) -> str:
 
 
 def _to_diffusers(view, path: Path, output: Path, opts, overwrite, quiet) -> dict:
-    if output.exists() and not overwrite:
-        raise BadInput(output, "output already exists", hint="pass --overwrite to replace it")
+    check_output_folder(output, [path], overwrite)
     if output.exists() and not output.is_dir():
         raise BadInput(output, "--to diffusers writes a folder, and this path is a file")
-    if output.resolve() == path.resolve():
-        raise BadInput(output, "output would overwrite the input")
-    if not output.parent.exists():
-        raise BadInput(output, f"output folder {output.parent} does not exist")
     if opts.prune:
         pass  # a diffusers folder never holds EMA/optimizer/schedule keys: nothing more to drop
     comps = _component_keys(view)
@@ -107,8 +101,7 @@ def _to_diffusers(view, path: Path, output: Path, opts, overwrite, quiet) -> dic
     config_dir = Path(opts.config) if opts.config else None
     configs, how = _configs(view.arch, shapes, config_dir, view.info)
     dropped = list(getattr(view.keymap, "unmapped_single", []) or [])
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".lycotools-tmp", dir=output.parent))
-    try:
+    with atomic_folder(output) as tmp:
         total = sum(len(v) for v in comps.values())
         bar = tqdm(total=total, desc=f"convert {path.name}", unit="tensor", file=sys.stderr, disable=quiet)
         for comp, keys in comps.items():
@@ -124,12 +117,6 @@ def _to_diffusers(view, path: Path, output: Path, opts, overwrite, quiet) -> dic
                     bar.update(1)
         bar.close()
         _pipeline_files(tmp, view, comps, config_dir, opts)
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _say(quiet, f"lycotools: wrote {output} (diffusers {view.arch}: {', '.join(sorted(comps))}; configs {how})")
     if dropped:
         _say(quiet, f"lycotools: warning: lossy: {len(dropped)} key(s) diffusers has no place for were left out "

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import click
@@ -27,7 +25,7 @@ import torch
 from ..errors import BadInput
 from ..io.metadata import lycotools_record
 from ..io.readers import SafetensorsSource, open_source
-from ..io.writer import SafetensorsWriter, check_output
+from ..io.writer import SafetensorsWriter, atomic_folder, check_output, check_output_folder
 from ..layouts import checkpoint as ckpt
 from .convert_checkpoint import DTYPES, _groups
 
@@ -118,10 +116,7 @@ def _cast(t: torch.Tensor, opts) -> torch.Tensor:
 
 
 def _to_diffusers(src, path, output, opts, overwrite, quiet) -> dict:
-    if output.exists() and not overwrite:
-        raise BadInput(output, "output already exists", hint="pass --overwrite to replace it")
-    if not output.parent.exists():
-        raise BadInput(output, f"output folder {output.parent} does not exist")
+    check_output_folder(output, [path], overwrite)
     shapes = src.shapes()
     extra = ("zero_convs.", "middle_block_out.", "input_hint_block.")
     trunk = {UNET + k[len(CN):]: v for k, v in shapes.items() if k.startswith(CN) and not k[len(CN):].startswith(extra)}
@@ -155,8 +150,7 @@ def _to_diffusers(src, path, output, opts, overwrite, quiet) -> dict:
         t = torch.empty(shapes[ok], device="meta")
         dshapes[dk] = tuple(ckpt.single_to_diffusers_tensor(m, t).shape) if m is not None else tuple(shapes[ok])
     cfg = _config(dshapes, arch, Path(opts.config) if opts.config else None)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".lycotools-tmp", dir=output.parent))
-    try:
+    with atomic_folder(output) as tmp:
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         plan = [(dk, _cast(torch.empty((), dtype=src.dtype(ok)), opts).dtype, dshapes[dk]) for dk, (ok, _) in entries.items()]
         with SafetensorsWriter(tmp / WEIGHTS, {"format": "pt"}, plan=plan, hashes=False) as w:
@@ -166,12 +160,6 @@ def _to_diffusers(src, path, output, opts, overwrite, quiet) -> dict:
                 if m is not None:
                     t = ckpt.single_to_diffusers_tensor(m, t)
                 w.add(dk, _cast(t, opts))
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if not quiet:
         click.echo(f"lycotools: wrote {output} (diffusers ControlNetModel, {arch})", err=True)
         if left:

@@ -8,7 +8,6 @@ whole spectrum), and each module is written to disk as soon as it is made.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -13,11 +13,9 @@ adapters on one weight apply in the order given. OpenCLIP q/k/v land in their th
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +28,7 @@ from ..adapters.lora import to_tensors as lora_tensors
 from ..errors import BadInput
 from ..io.metadata import lycotools_record, modelspec, network_metadata
 from ..io.readers import DiffusersFolderSource, _component_weights, open_source
-from ..io.writer import SafetensorsWriter, check_output
+from ..io.writer import SafetensorsWriter, atomic_folder, check_output, check_output_folder
 from ..layouts import checkpoint as ckpt
 from ..layouts.adapter_keys import kohya_module_name
 from ..layouts.model_index import ModelIndex
@@ -368,7 +366,7 @@ def bake(checkpoint, specs, output, opts: BakeOptions, *, overwrite=False, quiet
     diffusers_out = isinstance(src, DiffusersFolderSource)
     output = Path(output)
     if diffusers_out:
-        _check_folder_output(output, inputs, overwrite)
+        check_output_folder(output, inputs, overwrite)
     else:
         if output.suffix != ".safetensors":
             raise BadInput(output, "the output of a merge is a .safetensors file")
@@ -424,22 +422,11 @@ def _bake_single(src, output, w_edits, b_edits, out_dtype, dev, meta, inputs, ov
     return changed
 
 
-def _check_folder_output(output: Path, inputs, overwrite):
-    for inp in inputs:
-        if Path(inp).resolve() == output.resolve():
-            raise BadInput(output, "output would overwrite an input; choose another output path")
-    if output.exists() and not overwrite:
-        raise BadInput(output, "output already exists", hint="pass --overwrite to replace it")
-    if not output.parent.exists():
-        raise BadInput(output, f"output folder {output.parent} does not exist")
-
-
 def _bake_diffusers(src: DiffusersFolderSource, output: Path, w_edits, b_edits, out_dtype, dev, meta,
                     overwrite, quiet) -> int:
     """Write a diffusers folder: configs/tokenizers copied, each component's weights rewritten."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".lycotools-tmp", dir=output.parent))
     changed = 0
-    try:
+    with atomic_folder(output) as tmp:
         weight_files = {c: _component_weights(src.path / c) for c in src.parts}
         for child in sorted(src.path.iterdir()):
             if child.is_dir():
@@ -468,14 +455,6 @@ def _bake_diffusers(src: DiffusersFolderSource, output: Path, w_edits, b_edits, 
                     t, did = _convert(part.get(k), canon(k), w_edits, b_edits, out_dtype, dev)
                     changed += did
                     w.add(k, t)
-        if output.exists():
-            if not overwrite:
-                raise BadInput(output, "output already exists", hint="pass --overwrite to replace it")
-            shutil.rmtree(output) if output.is_dir() else output.unlink()
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return changed
 
 

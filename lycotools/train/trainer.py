@@ -485,7 +485,7 @@ def train(base_path, data_dir, output, opts: TrainOptions, *, overwrite=False, q
 
     # ---- steps
     world = acc.num_processes
-    per_step = opts.batch_size * opts.grad_accum * world
+
     def epoch_batches(epoch: int) -> list[list[int]]:
         """This process's micro-batches of one epoch: shuffled, one bucket (latent size) per batch."""
         g = torch.Generator().manual_seed(opts.seed * 7919 + epoch)
@@ -562,7 +562,6 @@ def train(base_path, data_dir, output, opts: TrainOptions, *, overwrite=False, q
 
     # ---- resume
     step = 0
-    g_data = torch.Generator().manual_seed(opts.seed * 1000 + 1)
     g_noise = torch.Generator().manual_seed(opts.seed * 1000 + 2 + acc.process_index)
     if opts.resume:
         st = torch.load(opts.resume, map_location="cpu", weights_only=True)
