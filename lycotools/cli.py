@@ -22,6 +22,9 @@ from .cli_common import batch_outputs, common, err, run_batch
 def main():
     """Stable Diffusion adapter and checkpoint tools: inspect, extract, rank-prune, merge, convert."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # lycotools never downloads anything
+    from .alloc import tune_allocator
+
+    tune_allocator()  # streamed tensors reuse freed memory instead of faulting fresh pages in
 
 
 @main.command("inspect")

@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import queue
+import threading
 import shutil
 import struct
 import tempfile
@@ -122,6 +124,7 @@ class SafetensorsWriter:
         self._tmp = Path(tmp)
         self._fh = os.fdopen(fd, "w+b")
         self._plan = None
+        self._thread = None
         if plan is not None:
             self._start_planned(plan)
 
@@ -146,7 +149,35 @@ class SafetensorsWriter:
         self._fh.write(struct.pack("<Q", len(head)))
         self._fh.write(head)
         self._data_start = 8 + len(head)
+        self._head_len = len(head)
         self._written = 0
+        # hashing and writing run in a thread, overlapping the caller's reading and math; the
+        # bounded queue keeps at most a few tensors in flight
+        self._queue: queue.Queue = queue.Queue(maxsize=4)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="lycotools-writer", daemon=True)
+        self._thread.start()
+
+    def _drain(self):
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue  # keep draining so add() never blocks on a dead writer
+            data = item[0]
+            try:
+                if self.hashes:
+                    self._feed_hash(data, self._written)
+                self._fh.write(data)
+                self._written += len(data)
+            except BaseException as e:  # reported by the next add() or by commit()
+                self._error = e
+
+    def _stop_thread(self):
+        if getattr(self, "_thread", None) is not None and self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
 
     def _legacy_offset(self, infos) -> int:
         """Data-section offset where kohya's legacy-hash window starts, in the ss-only serialization."""
@@ -169,12 +200,12 @@ class SafetensorsWriter:
         dt = dtype_name(tensor.dtype)
         shape = tuple(int(s) for s in tensor.shape)
         if self._plan is not None:
+            if self._error is not None:
+                raise self._error
             n, pdt, pshape, begin, end = self._plan[self._plan_pos]
             if (n, pdt, pshape) != (name, dt, shape):
                 raise RuntimeError(f"planned writer expected {n} {pdt}{list(pshape)}, got {name} {dt}{list(shape)}")
-            self._feed_hash(data, self._written)
-            self._fh.write(data)
-            self._written += len(data)
+            self._queue.put((data, tensor))  # the tensor keeps the bytes alive until written
             self._plan_pos += 1
             return
         if name in self._entries:
@@ -211,6 +242,9 @@ class SafetensorsWriter:
         return self.path
 
     def _finish_planned(self):
+        self._stop_thread()
+        if self._error is not None:
+            raise self._error
         if self._plan_pos != len(self._plan):
             missing = self._plan[self._plan_pos][0]
             raise RuntimeError(f"planned writer closed before tensor {missing!r} was written")
@@ -220,6 +254,8 @@ class SafetensorsWriter:
             meta = dict(self.metadata, sshs_model_hash=model_hash, sshs_legacy_hash=legacy)
             self.metadata = meta
             head = header_bytes(self._plan, meta)
+            if len(head) != self._head_len:  # metadata must be complete when a planned writer starts
+                raise RuntimeError("planned writer: metadata changed after the header was written")
             self._fh.seek(8)
             self._fh.write(head)  # same length: the placeholders have the hashes' lengths
 
@@ -263,6 +299,7 @@ class SafetensorsWriter:
 
     def abort(self):
         self._closed = True
+        self._stop_thread()
         try:
             self._fh.close()
         except Exception:
