@@ -255,8 +255,19 @@ def _load_lora_strict(pipe, path, caplog, **kw):
         warnings.simplefilter("always")
         pipe.load_lora_weights(str(path), adapter_name="fx", **kw)
     msgs = [r.getMessage() for r in caplog.records] + [str(w.message) for w in warned]
-    bad = [m for m in msgs if re.search(r"unexpected|not correctly|No LoRA keys|missing|inconsisten", m, re.I)]
+    bad = [m for m in msgs if re.search(r"unexpected|not correctly|No LoRA keys|missing|inconsisten", m, re.I)
+           and not any(re.search(k, m) for k in KNOWN_DIFFUSERS_MESSAGES)]
     return pipe, bad
+
+
+# Messages diffusers 0.42.1 + transformers 5 give for documented behaviour, tested on their own:
+# the CLIP load report of the kohya TE self-attention keys it drops (xfail test below; whether the
+# report reaches the logging capture depends on the environment), and the note that a UNet-only
+# file has no text-encoder keys.
+KNOWN_DIFFUSERS_MESSAGES = (
+    r"CLIPTextModel(WithProjection)? LOAD REPORT",
+    r"No LoRA keys associated to CLIPTextModel(WithProjection)? found",
+)
 
 
 def _file_modules(path):
