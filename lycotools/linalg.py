@@ -169,7 +169,8 @@ def svd_of_product(up: torch.Tensor, down: torch.Tensor) -> SVD:
     """
     # float64 throughout: the QRs cost O((m+n)·r²), and the small singular values of a sum of
     # adapters lose ~1e-4 relative accuracy in float32
-    up, down = up.double(), down.double()
+    wide = torch.float32 if up.device.type == "mps" else torch.float64  # MPS has no float64
+    up, down = up.to(wide), down.to(wide)
     Qu, Ru = torch.linalg.qr(up)  # (m, r), (r, r)
     Qd, Rd = torch.linalg.qr(down.T)  # (n, r), (r, r)
     core = Ru @ Rd.T

@@ -129,6 +129,14 @@ class ModelIndex:
             return path
         return None
 
+    def ldm_module(self, target: Target) -> str | None:
+        """The ldm/sgm module path of a target (no ``model.diffusion_model.`` prefix), when known."""
+        m = self.single_key(target)
+        if m is None:
+            return None
+        key = m.single_key[: -len(".weight")]
+        return key[len(ckpt.UNET_PREFIX):] if key.startswith(ckpt.UNET_PREFIX) else key
+
     def single_key(self, target: Target):
         """The single-file key mapping (with its transform) of a target's weight, when known."""
         if self.keymap is None:

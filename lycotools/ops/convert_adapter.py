@@ -37,7 +37,6 @@ from ..adapter_file import AdapterFile, LoadedModule
 from ..errors import BadInput
 from ..io.metadata import lycotools_record, modelspec, network_metadata
 from ..io.writer import atomic_folder, check_output, save_tensors
-from ..layouts import checkpoint as ckpt
 from ..layouts.adapter_keys import kohya_module_name
 from ..linalg import kept_energy, layer_seed, spectrum_for_mode
 from . import factorize
@@ -420,16 +419,8 @@ def _cast(t: torch.Tensor, suffix: str, opts: AdapterOptions) -> torch.Tensor:
     return t
 
 
-def _ldm_module(index, tgt) -> str | None:
-    m = index.single_key(tgt)
-    if m is None:
-        return None
-    key = m.single_key[: -len(".weight")]
-    return key[len(ckpt.UNET_PREFIX):] if key.startswith(ckpt.UNET_PREFIX) else key
-
-
 def _kohya_name(arch, index, tgt) -> str:
-    ldm = _ldm_module(index, tgt) if tgt.component == "unet" and arch.startswith("sdxl") else None
+    ldm = index.ldm_module(tgt) if tgt.component == "unet" and arch.startswith("sdxl") else None
     return kohya_module_name(arch, tgt.component, tgt.module, ldm)
 
 
@@ -469,7 +460,7 @@ def _flat_entries(af, outs, arch, index, opts) -> dict[str, torch.Tensor]:
     for o in outs:
         tgt = o.lm.target
         if opts.to == "comfy" and tgt.component == "unet":
-            ldm = _ldm_module(index, tgt)
+            ldm = index.ldm_module(tgt)
             if ldm is None:
                 raise BadInput(af.path, f"{o.lm.name}: no ldm name known for UNet module {tgt.module}")
             name = "diffusion_model." + ldm

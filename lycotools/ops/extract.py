@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..devices import device_of
 from ..errors import BadInput
 from ..io.metadata import lycotools_record, modelspec, network_metadata
 from ..io.writer import SafetensorsWriter, check_output
@@ -162,19 +163,13 @@ def _finite(t: torch.Tensor, path, key: str):
         raise BadInput(path, f"weight {key} contains NaN or infinite values")
 
 
-def _device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise BadInput(None, "--device cuda was asked for but no CUDA device is available")
-    return torch.device(name)
-
-
 def extract(base_path, tuned_path, output, opts: ExtractOptions, *, overwrite: bool = False,
             report_path=None, quiet: bool = False) -> ExtractResult:
     if opts.algo not in ALGOS:
         raise BadInput(None, f"unknown --algo {opts.algo!r}; expected one of {', '.join(ALGOS)}")
     if opts.dtype not in DTYPES:
         raise BadInput(None, f"unknown --dtype {opts.dtype!r}; expected fp16, bf16 or fp32")
-    dev = _device(opts.device)
+    dev = device_of(opts.device)
     output = check_output(output, [base_path, tuned_path], overwrite)
     base = CheckpointView.open(base_path)
     tuned = CheckpointView.open(tuned_path)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from ..adapter_file import AdapterFile
 from ..adapters import AdapterModule
 from ..adapters.lora import to_tensors as lora_tensors
+from ..devices import device_of
 from ..errors import BadInput
 from ..io.metadata import lycotools_record, modelspec, network_metadata
 from ..io.readers import DiffusersFolderSource, _component_weights, open_source
@@ -84,15 +85,6 @@ def parse_spec(text: str) -> tuple[str, float]:
         except ValueError:
             pass
     return text, 1.0
-
-
-def device_of(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise BadInput(None, "--device cuda was asked for but no CUDA device is available", hint="use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise BadInput(None, f"unknown --device {name!r}: {e}") from None
 
 
 def out_dtype_of(name: str | None):
@@ -713,27 +705,12 @@ def _sum_svd(items, shape, dev, k_hint: int, seed: int):
     """SVD of Σ ratio·ΔW: from stacked factors (no dense ΔW) when every input is a plain LoRA."""
     if all(_is_plain_lora(m) for m, _, _ in items):
         ups, downs = zip(*(_factors(m, r, shape, dev) for m, r, _ in items))
-        return _svd_of_product64(torch.cat(ups, 1), torch.cat(downs, 0)), None
+        return svd_of_product(torch.cat(ups, 1), torch.cat(downs, 0)), None
     M = None
     for m, r, _ in items:
         d = _dense(m, r, shape, dev)
         M = d if M is None else M + d
     return truncated_svd(M, k_hint, seed=seed, exact=True), M
-
-
-def _svd_of_product64(up: torch.Tensor, down: torch.Tensor):
-    """``linalg.svd_of_product`` done in float64 (the factors are thin, so this costs little) so that
-    the small kept singular values of the sum are exact to ~1e-7 relative, not fp32's ~1e-4."""
-    from ..linalg import SVD
-
-    if up.device.type == "mps":  # no float64 there
-        return svd_of_product(up, down)
-    up, down = up.double(), down.double()
-    Qu, Ru = torch.linalg.qr(up)
-    Qd, Rd = torch.linalg.qr(down.T)
-    Uc, S, Vhc = torch.linalg.svd(Ru @ Rd.T, full_matrices=False)
-    U, Vh = Qu @ Uc, (Qd @ Vhc.T).T
-    return SVD(U.float(), S.float(), Vh.float(), float(S.square().sum()), True)
 
 
 def _svd_merge(items, shape, r, opts, dev, name):

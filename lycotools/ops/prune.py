@@ -69,6 +69,7 @@ from tqdm import tqdm
 
 from ..adapter_file import AdapterFile
 from ..adapters.base import f32, flat
+from ..devices import device_of
 from ..errors import BadInput
 from ..io.metadata import lycotools_record, modelspec, network_metadata
 from ..io.readers import open_source
@@ -309,13 +310,6 @@ def _index_for(af: AdapterFile, base: str | None):
     return arch, idx
 
 
-def _ldm_name(idx: ModelIndex, comp: str, module: str) -> str | None:
-    for ldm, d in idx.ldm.get(comp, {}).items():
-        if d == module:
-            return ldm
-    return None
-
-
 def read_layers(path, opts: PruneOptions, quiet: bool = True):
     """(AdapterFile, arch, layers, passthrough {name: {file key: tensor}}, dropped names, input params)."""
     try:
@@ -344,7 +338,7 @@ def read_layers(path, opts: PruneOptions, quiet: bool = True):
             out_name = lm.name
         elif lm.target is not None:
             comp = lm.target.component
-            ldm = _ldm_name(idx, comp, lm.target.module) if comp == "unet" and arch and arch.startswith("sdxl") else None
+            ldm = idx.ldm_module(lm.target) if comp == "unet" and arch and arch.startswith("sdxl") else None
             out_name = kohya_module_name(arch or "sd1", comp, lm.target.module, ldm)
         else:
             out_name = None
@@ -683,12 +677,6 @@ BETA1 = BETA2 = 0.85
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def _device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise BadInput(None, "--device cuda was asked for but no CUDA device is available")
-    return torch.device(name)
-
-
 def _config_folder(opts: PruneOptions, base_kind: str) -> Path:
     if opts.config:
         p = Path(opts.config)
@@ -880,7 +868,7 @@ def sensitivity_scores(layers: list[Layer], opts: PruneOptions, quiet: bool = Tr
     """
     if not opts.calib and not opts.prompts:
         raise BadInput(None, "--score sensitivity needs --calib FOLDER (images + .txt captions) or --prompts")
-    dev = _device(opts.device)
+    dev = device_of(opts.device)
     g = torch.Generator().manual_seed(opts.seed)
     items = read_calib(opts.calib) if opts.calib else None
     models = build_models(opts, need_vae=items is not None, dev=dev)
