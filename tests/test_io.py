@@ -160,3 +160,27 @@ def test_missing_and_unknown(tmp_path):
     (tmp_path / "junk.ckpt").write_bytes(b"\x00garbage" * 10)
     with pytest.raises(BadInput, match="not a readable torch pickle"):
         open_source(tmp_path / "junk.ckpt")
+
+
+def test_prefetch_keeps_order_and_raises(tmp_path):
+    from lycotools.io.readers import prefetch
+
+    t = {f"k{i}": torch.full((3,), float(i)) for i in range(7)}
+    save_file(t, str(tmp_path / "m.safetensors"))
+    src = open_source(tmp_path / "m.safetensors")
+    keys = sorted(t)
+    got = [(k, v) for k, v in prefetch(keys, src.get)]
+    assert [k for k, _ in got] == keys and all(torch.equal(v, t[k]) for k, v in got)
+
+    def boom(k):
+        if k == "k3":
+            raise BadInput(tmp_path, "broken tensor")
+        return src.get(k)
+
+    seen = []
+    with pytest.raises(BadInput, match="broken tensor"):
+        for k, _ in prefetch(keys, boom):
+            seen.append(k)
+    assert seen == ["k0", "k1", "k2"]
+    for k, _ in prefetch(keys, src.get, depth=1):  # leaving early stops the reader thread
+        break

@@ -13,7 +13,10 @@ is read until ``get`` is called. Supported:
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import queue
+import threading
 import zipfile
 from pathlib import Path
 from typing import Iterator
@@ -104,6 +107,7 @@ class SafetensorsSource(Source):
         super().__init__(path)
         header, self.metadata, self._data_start = read_header(self.path)
         self._fh = None
+        self._open_lock = threading.Lock()
         self._offsets: dict[str, tuple[int, int]] = {}
         for name, e in header.items():
             self._offsets[name] = tuple(e["data_offsets"])
@@ -116,12 +120,13 @@ class SafetensorsSource(Source):
         if end == begin:
             return out
         if self._fh is None:
-            self._fh = open(self.path, "rb", buffering=0)
+            with self._open_lock:
+                if self._fh is None:
+                    self._fh = os.open(self.path, os.O_RDONLY)
         buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-        self._fh.seek(self._data_start + begin)
-        got = 0
-        while got < end - begin:
-            n = self._fh.readinto(buf[got:])
+        got, offset = 0, self._data_start + begin
+        while got < end - begin:  # positioned reads: safe from several threads (prefetch)
+            n = os.preadv(self._fh, [buf[got:]], offset + got)
             if not n:
                 raise BadInput(self.path, f"file ended while reading tensor {name!r} (truncated?)")
             got += n
@@ -129,7 +134,7 @@ class SafetensorsSource(Source):
 
     def close(self):
         if self._fh is not None:
-            self._fh.close()
+            os.close(self._fh)
             self._fh = None
 
 
@@ -288,6 +293,43 @@ class PeftFolderSource(Source):
 
     def close(self):
         self.inner.close()
+
+
+def prefetch(keys, get, depth: int = 2):
+    """Yield ``(key, get(key))`` in order while a thread reads up to ``depth`` tensors ahead, so disk
+    reads overlap the caller's math. ``get`` must be safe to call from another thread (the readers'
+    ``get`` is: safetensors tensors are read with positioned reads)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def work():
+        try:
+            for k in keys:
+                if stop.is_set():
+                    return
+                q.put((k, get(k)))
+            q.put(done)
+        except BaseException as e:  # handed to the consumer, raised there
+            q.put(e)
+
+    t = threading.Thread(target=work, name="lycotools-prefetch", daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while t.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get(timeout=0.05)
+            except queue.Empty:
+                pass
 
 
 def _component_weights(folder: Path) -> Path | None:

@@ -28,7 +28,7 @@ from ..adapters.lora import to_tensors as lora_tensors
 from ..devices import device_of
 from ..errors import BadInput
 from ..io.metadata import lycotools_record, modelspec, network_metadata
-from ..io.readers import DiffusersFolderSource, _component_weights, open_source
+from ..io.readers import DiffusersFolderSource, _component_weights, open_source, prefetch
 from ..io.writer import SafetensorsWriter, atomic_folder, check_output, check_output_folder
 from ..layouts import checkpoint as ckpt
 from ..layouts.adapter_keys import kohya_module_name
@@ -406,9 +406,9 @@ def _bake_single(src, output, w_edits, b_edits, out_dtype, dev, meta, inputs, ov
     changed = 0
     plan = _plan_of(src, src.keys(), out_dtype)
     with SafetensorsWriter(output, meta, inputs=inputs, overwrite=overwrite, plan=plan) as w:
-        for key in tqdm(w.expected_order, desc=f"merge {output.name}", unit="tensor", file=sys.stderr,
-                        disable=quiet, leave=False):
-            t, did = _convert(src.get(key), key, w_edits, b_edits, out_dtype, dev)
+        for key, raw in tqdm(prefetch(w.expected_order, src.get), total=len(plan), desc=f"merge {output.name}",
+                             unit="tensor", file=sys.stderr, disable=quiet, leave=False):
+            t, did = _convert(raw, key, w_edits, b_edits, out_dtype, dev)
             changed += did
             w.add(key, t)
     return changed
