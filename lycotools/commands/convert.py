@@ -12,35 +12,41 @@ from ..errors import BadInput
 ADAPTER_TARGETS = ("kohya", "lycoris", "peft", "diffusers", "comfy")
 CHECKPOINT_TARGETS = ("diffusers", "single-file")
 EMBEDDING_TARGETS = ("a1111", "kohya", "diffusers", "sdxl")
-ALL_TARGETS = sorted(set(ADAPTER_TARGETS + CHECKPOINT_TARGETS + EMBEDDING_TARGETS))
+CONTROL_TARGETS = ("control-lora", "controlnet")
+ALL_TARGETS = sorted(set(ADAPTER_TARGETS + CHECKPOINT_TARGETS + EMBEDDING_TARGETS + CONTROL_TARGETS))
 
 
 @click.command("convert")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--to", "to", type=click.Choice(ALL_TARGETS), default="kohya", show_default=True,
               help="Target format. Adapters: kohya, lycoris, peft, diffusers, comfy. Checkpoints: diffusers, "
-                   "single-file. Embeddings: a1111, kohya, diffusers, sdxl.")
+                   "single-file. Embeddings: a1111, kohya, diffusers, sdxl. ControlNets: diffusers, single-file, "
+                   "control-lora (with --base, --rank). Control-LoRAs: controlnet (with --base). T2I-Adapters: "
+                   "diffusers, single-file (TencentARC layout).")
 @click.option("-o", "--output", required=True, help="Output file or folder (a folder in batch mode).")
 @click.option("--algo", type=click.Choice(["lora"]), default=None,
               help="Adapters: turn LoHa, LoKr, Tucker LoCon, DoRA, full diffs, AdaLoRA into plain LoRA by SVD of ΔW.")
-@click.option("--rank", type=int, default=None, help="--algo lora: rank (--mode fixed), or the cap with other modes.")
+@click.option("--rank", type=int, default=None, help="--algo lora: rank (--mode fixed), or the cap with other modes. "
+                                                    "--to control-lora: the rank of every low-rank delta.")
 @click.option("--mode", type=click.Choice(["fixed", "threshold", "ratio", "quantile", "energy"]), default="fixed",
               show_default=True, help="--algo lora: per-layer rank rule (as in extract).")
 @click.option("--mode-param", type=float, default=None, help="The rank rule's parameter.")
 @click.option("--max-rank", type=int, default=None, help="--algo lora: cap on every layer's rank.")
 @click.option("--base", default=None, help="Adapters: the checkpoint the adapter is for (needed for DoRA/IA3/OFT "
-                                           "to LoRA, and for non-standard models).")
+                                           "to LoRA, and for non-standard models). --to control-lora / --to "
+                                           "controlnet: the base checkpoint the deltas are taken against.")
 @click.option("--fold-alpha", is_flag=True, help="--to diffusers: bake alpha/rank into the factors (alpha = rank).")
 @click.option("--drop-unsupported", is_flag=True, help="Leave out (and report) modules the target cannot hold "
                                                        "instead of refusing the file.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2"]), default=None,
-              help="Output dtype of floating-point weights (default: keep).")
+              help="Output dtype of floating-point weights (default: keep; fp16 for --to control-lora).")
 @click.option("--prune", is_flag=True, help="Checkpoints: drop EMA, optimizer state and training-only keys.")
 @click.option("--config", "config", default=None, help="Checkpoints --to diffusers: a diffusers folder whose "
                                                        "configs, tokenizer and scheduler are used.")
 @click.option("--token", default=None, help="Embeddings: the token name to write (default: keep the input's).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--report", default=None, help="Adapters: write the per-layer conversion report as JSON.")
+@click.option("--report", default=None, help="Adapters and --to control-lora: write the per-layer conversion "
+                                             "report as JSON.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.option("--no-date", is_flag=True, help="Leave the date out of the metadata (byte-identical reruns).")
 @click.option("-j", "--jobs", default=1, show_default=True, help="Files converted at once in batch mode.")
@@ -61,6 +67,9 @@ def command(inputs, to, output, algo, rank, mode, mode_param, max_rank, base, fo
       lycotools convert model_diffusers/ --to single-file --dtype fp16 --prune -o model.safetensors
       lycotools convert embedding.pt --to diffusers -o learned_embeds.safetensors
       lycotools convert loras/ --to comfy -o comfy_loras/ -j 2
+      lycotools convert cn.safetensors --to control-lora --base sd_xl_base.safetensors --rank 128 -o cl.safetensors
+      lycotools convert cl.safetensors --to controlnet --base sd_xl_base.safetensors -o cn_full.safetensors
+      lycotools convert t2iadapter_canny_sd15v2.pth --to diffusers -o t2i_canny/
     """
     from ..batch import expand_inputs
     from ..ops.convert import ConvertOptions, convert_one
@@ -98,6 +107,10 @@ def _expand(inputs, expand_inputs):
         if p.is_dir() and any((p / c / "adapter_config.json").exists() for c in ("unet", "text_encoder", "text_encoder_2")):
             return [p], False
         if p.is_dir() and controlnet_folder_weights(p) is not None:
+            return [p], False
+        from ..ops.convert_t2i import t2i_folder_weights
+
+        if p.is_dir() and t2i_folder_weights(p) is not None:
             return [p], False
     return expand_inputs(inputs)
 

@@ -3,6 +3,9 @@
 * adapters: ``convert_adapter`` (kohya / lycoris / peft / diffusers / comfy, ``--algo lora``);
 * checkpoints: ``convert_checkpoint`` (single file <-> diffusers folder, dtype, prune, pickle -> safetensors);
 * embeddings: ``convert_embedding`` (A1111 ``.pt``, kohya ``emb_params``, diffusers, SDXL ``clip_l``/``clip_g``).
+* ControlNets: ``convert_controlnet`` (original <-> diffusers), ``control_lora.extract_control_lora``
+  (``--to control-lora --base --rank``); Control-LoRAs: ``control_lora.densify_control_lora`` (``--to controlnet``);
+* T2I-Adapters: ``convert_t2i`` (TencentARC original <-> diffusers ``T2IAdapter``).
 """
 
 from __future__ import annotations
@@ -55,14 +58,24 @@ def input_kind(path) -> str:
         return "adapter"
     if p.is_dir() and controlnet_folder_weights(p) is not None:
         return "controlnet"
+    from .convert_t2i import t2i_folder_weights, t2i_layout
+
+    if p.is_dir() and t2i_folder_weights(p) is not None:
+        return "t2i-adapter"
     src = open_source(p)
     try:
         if getattr(src, "kind", None) == "peft":
             return "adapter"
         if detect_embedding(src) is not None:
             return "embedding"
-        if controlnet_layout(src.keys()) is not None:
+        from .control_lora import is_control_lora, is_unprefixed_controlnet
+
+        if is_control_lora(src.keys()):
+            return "control-lora"
+        if controlnet_layout(src.keys()) is not None or is_unprefixed_controlnet(src.keys()):
             return "controlnet"
+        if t2i_layout(src.keys()) is not None:
+            return "t2i-adapter"
         groups = group_keys(src.keys())
         n_adapter = sum(len(s) for s in groups.modules.values())
         if groups.modules and n_adapter >= len(groups.leftovers):
@@ -89,12 +102,30 @@ def convert_one(path, output, opts: ConvertOptions, *, overwrite: bool = False, 
         if not quiet:
             print_summary(res)
         return res
+    if kind == "control-lora":
+        from .control_lora import densify_control_lora
+
+        if opts.to != "controlnet":
+            raise BadInput(path, f"this is a Control-LoRA; --to {opts.to} is not a Control-LoRA target",
+                           hint="use --to controlnet --base BASE (densify into a full ControlNet)")
+        return densify_control_lora(path, output, opts, overwrite=overwrite, quiet=quiet)
+    if kind == "t2i-adapter":
+        from .convert_t2i import convert_t2i
+
+        if opts.to not in CHECKPOINT_TARGETS:
+            raise BadInput(path, f"this is a T2I-Adapter; --to {opts.to} is not a T2I-Adapter target",
+                           hint="use --to diffusers or --to single-file (the original TencentARC layout)")
+        return convert_t2i(path, output, opts, overwrite=overwrite, quiet=quiet)
     if kind == "controlnet":
         from .convert_controlnet import convert_controlnet
 
+        if opts.to == "control-lora":
+            from .control_lora import extract_control_lora
+
+            return extract_control_lora(path, output, opts, overwrite=overwrite, report_path=report_path, quiet=quiet)
         if opts.to not in CHECKPOINT_TARGETS:
             raise BadInput(path, f"this is a ControlNet; --to {opts.to} is not a ControlNet target",
-                           hint="use --to diffusers or --to single-file (the original layout)")
+                           hint="use --to diffusers, --to single-file (the original layout) or --to control-lora")
         return convert_controlnet(path, output, opts, overwrite=overwrite, quiet=quiet)
     if kind == "checkpoint":
         from .convert_checkpoint import convert_checkpoint

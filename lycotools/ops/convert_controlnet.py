@@ -10,7 +10,7 @@ key map (``control_model.X`` is read as ``model.diffusion_model.X``); the Contro
     control_model.input_hint_block.{2k}   <-> controlnet_cond_embedding.blocks.{k-1}   (the convs between SiLUs)
     control_model.input_hint_block.{last} <-> controlnet_cond_embedding.conv_out
 
-Not done here: T2I-Adapter layouts and Control-LoRA extraction.
+T2I-Adapter layouts live in ``convert_t2i.py``; Control-LoRA extraction and densifying in ``control_lora.py``.
 """
 
 from __future__ import annotations
