@@ -151,6 +151,10 @@ class AdapterModule:
         bias32 = None if bias is None else f32(bias)
         if hasattr(impl, "apply"):
             return impl.apply(self.tensors, self.scale, weight, multiplier, bias32)
+        if hasattr(impl, "fused_apply"):
+            fused = impl.fused_apply(self.tensors, self.scale, weight, multiplier)
+            if fused is not None:
+                return fused, bias32
         w = f32(weight)
         d = self.delta(tuple(w.shape), base_weight=w)
         if self.has_dora:
