@@ -332,6 +332,21 @@ def prefetch(keys, get, depth: int = 2):
                 pass
 
 
+def diffusers_model_weights(path: Path, class_name: str, subfolder: str,
+                            weights: str = "diffusion_pytorch_model.safetensors") -> Path | None:
+    """The weights file of a single diffusers model folder (``config.json`` whose ``_class_name``
+    contains ``class_name``), given the folder itself or a pipeline holding it in ``subfolder``."""
+    for d in (path, path / subfolder):
+        if (d / "config.json").exists() and (d / weights).exists():
+            try:
+                cfg = json.loads((d / "config.json").read_text())
+            except ValueError:
+                continue
+            if class_name in str(cfg.get("_class_name", "")):
+                return d / weights
+    return None
+
+
 def _component_weights(folder: Path) -> Path | None:
     for name in _WEIGHT_NAMES:
         if (folder / name).exists():

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import BadInput
 from ..io.metadata import lycotools_record
-from ..io.readers import SafetensorsSource, open_source
+from ..io.readers import SafetensorsSource, diffusers_model_weights, open_source
 from ..io.writer import SafetensorsWriter, atomic_folder, check_output, check_output_folder
 from ..layouts import checkpoint as ckpt
 from .convert_checkpoint import DTYPES, _groups
@@ -46,15 +46,7 @@ def controlnet_layout(keys) -> str | None:
 
 def controlnet_folder_weights(path: Path) -> Path | None:
     """A diffusers ControlNet folder (config.json + weights, or a pipeline's controlnet/ subfolder)."""
-    for d in (path, path / "controlnet"):
-        if (d / "config.json").exists() and (d / WEIGHTS).exists():
-            try:
-                cfg = json.loads((d / "config.json").read_text())
-            except ValueError:
-                continue
-            if "ControlNet" in str(cfg.get("_class_name", "")):
-                return d / WEIGHTS
-    return None
+    return diffusers_model_weights(path, "ControlNet", "controlnet", WEIGHTS)
 
 
 def _open(path: Path):

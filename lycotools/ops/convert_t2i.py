@@ -21,7 +21,7 @@ import torch
 
 from ..errors import BadInput
 from ..io.metadata import lycotools_record
-from ..io.readers import SafetensorsSource, open_source
+from ..io.readers import SafetensorsSource, diffusers_model_weights, open_source
 from ..io.writer import SafetensorsWriter, atomic_folder, check_output, check_output_folder
 from .convert_checkpoint import DTYPES
 
@@ -42,15 +42,8 @@ def t2i_layout(keys) -> str | None:
 
 
 def t2i_folder_weights(path: Path) -> Path | None:
-    for d in (path, path / "adapter"):
-        if (d / "config.json").exists() and (d / WEIGHTS).exists():
-            try:
-                cfg = json.loads((d / "config.json").read_text())
-            except ValueError:
-                continue
-            if "T2IAdapter" in str(cfg.get("_class_name", "")):
-                return d / WEIGHTS
-    return None
+    """A diffusers T2IAdapter folder (config.json + weights, or a pipeline's adapter/ subfolder)."""
+    return diffusers_model_weights(path, "T2IAdapter", "adapter", WEIGHTS)
 
 
 def _open(path: Path):
