@@ -135,7 +135,9 @@ def _extract_summary(res):
             click.echo(f"lycotools: {comp}: no difference from the base ({s['unchanged_layers']} layers unchanged); "
                        "nothing extracted for it", err=True)
         else:
-            ranks = f"rank {s['rank_min']}–{s['rank_max']}" if s["rank_min"] is not None else "stored whole"
+            ranks = f"rank {s['rank_min']}–{s['rank_max']}" if s["rank_min"] is not None else ""
+            if s["stored_whole"]:
+                ranks += ("; " if ranks else "") + f"{s['stored_whole']} stored whole"
             click.echo(f"lycotools: {comp}: {s['changed_layers']} layers extracted ({ranks}), "
                        f"{s['unchanged_layers']} unchanged", err=True)
     errs = [l.rel_error for l in res.layers if l.params]

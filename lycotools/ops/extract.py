@@ -101,6 +101,7 @@ class ExtractResult:
                 "unchanged_layers": self.unchanged.get(comp, 0),
                 "rank_min": min(ranks) if ranks else None,
                 "rank_max": max(ranks) if ranks else None,
+                "stored_whole": sum(l.component == comp and l.kind == "full" for l in self.layers),
             }
         return out
 
