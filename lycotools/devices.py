@@ -1,4 +1,4 @@
-"""The one place a ``--device`` option becomes a torch device."""
+"""The one place a ``--device`` option becomes a torch device, and a ``--dtype`` name a torch dtype."""
 
 from __future__ import annotations
 
@@ -15,3 +15,9 @@ def device_of(name: str) -> torch.device:
         return torch.device(name)
     except RuntimeError as e:
         raise BadInput(None, f"unknown --device {name!r}: {e}") from None
+
+
+# --dtype names: adapters and embeddings are stored in these ...
+ADAPTER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# ... checkpoints may also be cast to fp8
+CHECKPOINT_DTYPES = {**ADAPTER_DTYPES, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from ..devices import ADAPTER_DTYPES as DTYPES
 from ..adapter_file import AdapterFile, LoadedModule
 from ..errors import BadInput
 from ..io.metadata import lycotools_record, modelspec, network_metadata
@@ -42,7 +43,6 @@ from ..linalg import kept_energy, layer_seed, spectrum_for_mode
 from . import factorize
 
 ADAPTER_TARGETS = ("kohya", "lycoris", "peft", "diffusers", "comfy")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TE_COMPONENTS = ("text_encoder", "text_encoder_2")
 PEFT_COMPONENTS = ("unet",) + TE_COMPONENTS
 

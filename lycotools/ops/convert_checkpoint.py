@@ -24,14 +24,13 @@ import click
 import torch
 from tqdm import tqdm
 
+from ..devices import CHECKPOINT_DTYPES as DTYPES
 from ..errors import BadInput
 from ..io.metadata import lycotools_record, modelspec
 from ..io.writer import SafetensorsWriter, atomic_folder, check_output, check_output_folder
 from ..layouts import checkpoint as ckpt
 from ..layouts.model_view import CheckpointView
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
-          "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 PRUNE_PREFIXES = ("model_ema.", "ema_model.", "optimizer", "optimizer_states", "lr_scheduler", "lr_schedulers",
                   "callbacks", "loops.", "ema.")
 PRUNE_KEYS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
@@ -55,6 +54,13 @@ def _out_dtype(t_dtype: torch.dtype, opts) -> torch.dtype:
     if opts.dtype and t_dtype.is_floating_point:
         return DTYPES[opts.dtype]
     return t_dtype
+
+
+def cast_to_option(t: torch.Tensor, opts) -> torch.Tensor:
+    """A floating tensor cast to ``--dtype`` when one is given (other dtypes untouched), contiguous."""
+    if opts.dtype and t.is_floating_point():
+        t = t.to(DTYPES[opts.dtype])
+    return t.contiguous()
 
 
 def pruned(key: str) -> bool:

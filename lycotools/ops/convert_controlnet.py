@@ -27,7 +27,7 @@ from ..io.metadata import lycotools_record
 from ..io.readers import SafetensorsSource, diffusers_model_weights, open_source
 from ..io.writer import SafetensorsWriter, atomic_folder, check_output, check_output_folder
 from ..layouts import checkpoint as ckpt
-from .convert_checkpoint import DTYPES, _groups
+from .convert_checkpoint import _groups, cast_to_option
 
 CN = "control_model."
 UNET = ckpt.UNET_PREFIX  # "model.diffusion_model."
@@ -101,12 +101,6 @@ def convert_controlnet(path, output, opts, *, overwrite: bool = False, quiet: bo
         src.close()
 
 
-def _cast(t: torch.Tensor, opts) -> torch.Tensor:
-    if opts.dtype and t.is_floating_point():
-        t = t.to(DTYPES[opts.dtype])
-    return t.contiguous()
-
-
 def _to_diffusers(src, path, output, opts, overwrite, quiet) -> dict:
     check_output_folder(output, [path], overwrite)
     shapes = src.shapes()
@@ -144,14 +138,14 @@ def _to_diffusers(src, path, output, opts, overwrite, quiet) -> dict:
     cfg = _config(dshapes, arch, Path(opts.config) if opts.config else None)
     with atomic_folder(output) as tmp:
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        plan = [(dk, _cast(torch.empty((), dtype=src.dtype(ok)), opts).dtype, dshapes[dk]) for dk, (ok, _) in entries.items()]
+        plan = [(dk, cast_to_option(torch.empty((), dtype=src.dtype(ok)), opts).dtype, dshapes[dk]) for dk, (ok, _) in entries.items()]
         with SafetensorsWriter(tmp / WEIGHTS, {"format": "pt"}, plan=plan, hashes=False) as w:
             for dk in w.expected_order:
                 ok, m = entries[dk]
                 t = src.get(ok)
                 if m is not None:
                     t = ckpt.single_to_diffusers_tensor(m, t)
-                w.add(dk, _cast(t, opts))
+                w.add(dk, cast_to_option(t, opts))
     if not quiet:
         click.echo(f"lycotools: wrote {output} (diffusers ControlNetModel, {arch})", err=True)
         if left:
@@ -181,7 +175,7 @@ def _to_original(src, folder, path, output, opts, overwrite, quiet) -> dict:
     plan = []
     for ok, (dk, m) in entries.items():
         shp = tuple(km.single_shapes[UNET + ok[len(CN):]]) if m is not None else tuple(shapes[dk])
-        plan.append((ok, _cast(torch.empty((), dtype=src.dtype(dk)), opts).dtype, shp))
+        plan.append((ok, cast_to_option(torch.empty((), dtype=src.dtype(dk)), opts).dtype, shp))
     meta = lycotools_record("convert", [{"role": "input", "name": path.name}], {"to": "single-file", "dtype": opts.dtype})
     with SafetensorsWriter(output, meta, inputs=[path], overwrite=overwrite, plan=plan) as w:
         for ok in w.expected_order:
@@ -189,7 +183,7 @@ def _to_original(src, folder, path, output, opts, overwrite, quiet) -> dict:
             t = src.get(dk)
             if m is not None:
                 t = ckpt.diffusers_to_single_tensor(m, t, len(km.single_shapes[UNET + ok[len(CN):]]))
-            w.add(ok, _cast(t, opts))
+            w.add(ok, cast_to_option(t, opts))
     if not quiet:
         click.echo(f"lycotools: wrote {output} (ControlNet, original layout, {arch})", err=True)
         if left:

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
+from ..devices import ADAPTER_DTYPES as DTYPES
 from ..errors import BadInput
 from ..io.metadata import lycotools_record
 from ..io.readers import open_source
 from ..io.writer import check_output, save_tensors
 from ..layouts.embeddings import detect_embedding
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def convert_embedding(path, output, opts, *, overwrite: bool = False) -> dict:

@@ -23,7 +23,7 @@ from ..errors import BadInput
 from ..io.metadata import lycotools_record
 from ..io.readers import SafetensorsSource, diffusers_model_weights, open_source
 from ..io.writer import SafetensorsWriter, atomic_folder, check_output, check_output_folder
-from .convert_checkpoint import DTYPES
+from .convert_checkpoint import cast_to_option
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 _ORIG = re.compile(r"body\.(\d+)\.(block1|block2|in_conv)\.(weight|bias)")
@@ -145,12 +145,6 @@ def _check_config(cfg: dict, dshapes: dict, where):
                        hint="pass --config FOLDER holding the adapter's config.json")
 
 
-def _cast(t: torch.Tensor, opts) -> torch.Tensor:
-    if opts.dtype and t.is_floating_point():
-        t = t.to(DTYPES[opts.dtype])
-    return t.contiguous()
-
-
 def convert_t2i(path, output, opts, *, overwrite: bool = False, quiet: bool = False) -> dict:
     path, output = Path(path), Path(output)
     src = _open(path)
@@ -193,12 +187,12 @@ def _to_diffusers(src, shapes, path, output, opts, overwrite, quiet) -> dict:
         cfg = infer_config(dshapes)
     _check_config(cfg, dshapes, Path(opts.config) if opts.config else path)
     inv = {v: k for k, v in mapping.items()}
-    plan = [(dk, _cast(torch.empty((), dtype=src.dtype(inv[dk])), opts).dtype, dshapes[dk]) for dk in dshapes]
+    plan = [(dk, cast_to_option(torch.empty((), dtype=src.dtype(inv[dk])), opts).dtype, dshapes[dk]) for dk in dshapes]
     with atomic_folder(output) as tmp:
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         with SafetensorsWriter(tmp / WEIGHTS, {"format": "pt"}, plan=plan, hashes=False) as w:
             for dk in w.expected_order:
-                w.add(dk, _cast(src.get(inv[dk]), opts))
+                w.add(dk, cast_to_option(src.get(inv[dk]), opts))
     if not quiet:
         click.echo(f"lycotools: wrote {output} (diffusers T2IAdapter, {cfg['adapter_type']}, "
                    f"{len(dshapes)} tensors)", err=True)
@@ -210,12 +204,12 @@ def _to_original(src, shapes, path, output, opts, overwrite, quiet) -> dict:
     mapping = diffusers_to_original_keys(shapes)
     _unknown(path, shapes, mapping)
     inv = {v: k for k, v in mapping.items()}
-    plan = [(ok, _cast(torch.empty((), dtype=src.dtype(dk)), opts).dtype, tuple(shapes[dk])) for ok, dk in inv.items()]
+    plan = [(ok, cast_to_option(torch.empty((), dtype=src.dtype(dk)), opts).dtype, tuple(shapes[dk])) for ok, dk in inv.items()]
     meta = lycotools_record("convert", [{"role": "input", "name": path.name}],
                             {"to": "single-file", "dtype": opts.dtype, "kind": "t2i-adapter"})
     with SafetensorsWriter(output, meta, inputs=[path], overwrite=overwrite, plan=plan) as w:
         for ok in w.expected_order:
-            w.add(ok, _cast(src.get(inv[ok]), opts))
+            w.add(ok, cast_to_option(src.get(inv[ok]), opts))
     if not quiet:
         click.echo(f"lycotools: wrote {output} (T2I-Adapter, original TencentARC layout, {len(inv)} tensors)",
                    err=True)

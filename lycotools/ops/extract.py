@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..devices import device_of
+from ..devices import ADAPTER_DTYPES as DTYPES, device_of
 from ..errors import BadInput
 from ..io.metadata import lycotools_record, modelspec, network_metadata
 from ..io.writer import SafetensorsWriter, check_output
@@ -27,7 +27,6 @@ from . import factorize
 
 ALGOS = ("lora", "locon", "loha", "lokr", "full")
 PARTS = ("unet", "te", "te1", "te2")
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _TE_SKIP = ("embeddings.",)
 
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from ..adapter_file import AdapterFile
 from ..adapters import AdapterModule
 from ..adapters.lora import to_tensors as lora_tensors
-from ..devices import device_of
+from ..devices import CHECKPOINT_DTYPES as DTYPES, device_of
 from ..errors import BadInput
 from ..io.metadata import lycotools_record, modelspec, network_metadata
 from ..io.readers import DiffusersFolderSource, _component_weights, open_source, prefetch
@@ -36,13 +36,6 @@ from ..layouts.model_index import ModelIndex
 from ..linalg import (LayerSpectrum, allocate_budget, exact_svd, layer_seed, lora_cost, parse_budget,
                       svd_of_product, truncated_svd)
 
-DTYPES = {
-    "fp32": torch.float32,
-    "fp16": torch.float16,
-    "bf16": torch.bfloat16,
-    "fp8_e4m3fn": torch.float8_e4m3fn,
-    "fp8_e5m2": torch.float8_e5m2,
-}
 SLOTS = ["BASE"] + [f"IN{i:02d}" for i in range(12)] + ["MID"] + [f"OUT{i:02d}" for i in range(12)]
 # LoRA Block Weight layouts (kohya.md §3.3): list positions -> slot names of the 26-slot layout.
 LAYOUTS = {

@@ -69,7 +69,7 @@ from tqdm import tqdm
 
 from ..adapter_file import AdapterFile
 from ..adapters.base import f32, flat
-from ..devices import device_of
+from ..devices import ADAPTER_DTYPES as DTYPES, device_of
 from ..errors import BadInput
 from ..io.metadata import lycotools_record, modelspec, network_metadata
 from ..io.readers import open_source
@@ -82,7 +82,6 @@ from ..linalg import SVD, LayerSpectrum, allocate_budget, exact_svd, layer_seed,
 MODES = ("ratio", "cumulative", "fro", "energy")
 SCORES = ("spectral", "sensitivity")
 NORMALISATIONS = ("energy", "relative", "unpriced", "nuclear")
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 PRUNABLE = ("lora", "adalora", "loha", "lokr", "full")
 EXACT_SIDE = 1024  # materialised ΔW with a smaller side than this get the exact SVD
 RANDOM_CAP = 256  # top triplets computed by randomized SVD for bigger materialised ΔW

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..devices import ADAPTER_DTYPES as _DTYPES
 from ..errors import BadInput
 from ..io.metadata import lycotools_record, modelspec, network_metadata
 from ..io.writer import check_output, save_tensors
@@ -114,7 +115,6 @@ class TrainResult:
     main_process: bool = True
 
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _check(opts: TrainOptions):
