@@ -167,6 +167,17 @@ def task_lycotools_svd(a):
                    AdapterMergeOptions(method="svd", rank=64, dtype="fp32", no_date=True), overwrite=True, quiet=True)
 
 
+def dense_sum(name: str, loras, dtype) -> torch.Tensor:
+    """Σ (alpha/r)·up@down of one module over several LoRA state dicts, as a dense matrix."""
+    M = None
+    for l in loras:
+        up, down = l[f"{name}.lora_up.weight"].to(dtype), l[f"{name}.lora_down.weight"].to(dtype)
+        r = down.shape[0]
+        d = (up.reshape(up.shape[0], r) @ down.reshape(r, -1)) * (float(l[f"{name}.alpha"]) / r)
+        M = d if M is None else M + d
+    return M
+
+
 def task_dense_svd(a):
     """Densify each module's Σ ΔW, full SVD, keep rank 64, save."""
     from safetensors.torch import load_file, save_file
@@ -177,12 +188,7 @@ def task_dense_svd(a):
         if not k.endswith(".lora_down.weight"):
             continue
         name = k[: -len(".lora_down.weight")]
-        M = None
-        for l in (l1, l2):
-            up, down = l[f"{name}.lora_up.weight"].float(), l[f"{name}.lora_down.weight"].float()
-            r = down.shape[0]
-            d = (up.reshape(up.shape[0], r) @ down.reshape(r, -1)) * (float(l[f"{name}.alpha"]) / r)
-            M = d if M is None else M + d
+        M = dense_sum(name, (l1, l2), torch.float32)
         U, S, Vh = torch.linalg.svd(M, full_matrices=False)
         k64 = min(64, S.numel())
         out[f"{name}.lora_up.weight"] = (U[:, :k64] * S[:k64]).contiguous()
@@ -235,12 +241,7 @@ def singular_value_check(lora_out, lora1, lora2) -> float:
         if not k.endswith(".lora_down.weight"):
             continue
         name = k[: -len(".lora_down.weight")]
-        M = None
-        for l in (l1, l2):
-            up, down = l[f"{name}.lora_up.weight"].double(), l[f"{name}.lora_down.weight"].double()
-            r = down.shape[0]
-            d = (up.reshape(up.shape[0], r) @ down.reshape(r, -1)) * (float(l[f"{name}.alpha"]) / r)
-            M = d if M is None else M + d
+        M = dense_sum(name, (l1, l2), torch.float64)
         S_ref = torch.linalg.svdvals(M)
         up, down = o[f"{name}.lora_up.weight"].double(), o[k].double()
         r = down.shape[0]
