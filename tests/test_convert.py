@@ -185,6 +185,17 @@ def _expected(before: dict, path) -> dict:
     return exp
 
 
+def _load_fuse_check(pipe, out, before, exp, in_file):
+    """Load a LoRA file into the pipeline, fuse it, compare ΔW with ``exp``, then undo it all."""
+    pipe.load_lora_weights(str(out), adapter_name="t")
+    pipe.fuse_lora(adapter_names=["t"])
+    try:
+        _check_fused(pipe, before, exp, allowed=in_file)
+    finally:
+        pipe.unfuse_lora()
+        pipe.unload_lora_weights()
+
+
 def _check_fused(pipe, before, exp, allowed=None):
     after = _weights(pipe)
     assert exp
@@ -207,13 +218,7 @@ def test_diffusers_load_lora_weights(tmp_path, sd1_pipe, target):
         # diffusers 0.42 + transformers 5 leaves kohya-named TE self-attention LoRAs unapplied (its legacy
         # `q_proj` -> `to_q_lora` rename finds no module); the MLP and UNet keys load. --to diffusers loads all.
         exp = {k: v for k, v in exp.items() if not (k[0] == "text_encoder" and "self_attn" in k[1])}
-    pipe.load_lora_weights(str(out), adapter_name="t")
-    pipe.fuse_lora(adapter_names=["t"])
-    try:
-        _check_fused(pipe, before, exp, allowed=in_file)
-    finally:
-        pipe.unfuse_lora()
-        pipe.unload_lora_weights()
+    _load_fuse_check(pipe, out, before, exp, in_file)
 
 
 @pytest.fixture(scope="module")
@@ -255,13 +260,7 @@ def test_sdxl_diffusers_load_lora_weights(tmp_path, sdxl_pipe, target):
         common = Counter(alphas.values()).most_common(1)[0][0]
         exp = {k: v for k, v in exp.items() if not (k[0].startswith("text_encoder") and "self_attn" in k[1])
                and not (".to_" in k[1] and alphas[k] != common)}
-    pipe.load_lora_weights(str(out), adapter_name="t")
-    pipe.fuse_lora(adapter_names=["t"])
-    try:
-        _check_fused(pipe, before, exp, allowed=in_file)
-    finally:
-        pipe.unfuse_lora()
-        pipe.unload_lora_weights()
+    _load_fuse_check(pipe, out, before, exp, in_file)
 
 
 def test_diffusers_fold_alpha(tmp_path, sd1_pipe):
