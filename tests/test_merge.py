@@ -377,17 +377,13 @@ def _deltas(path, index, ratio=1.0):
             ratio * lm.module.delta(M._group_shape([(lm.module, ratio, path)], lm.target.shape)) for lm in af.parsed}
 
 
-def _out_deltas(path, index):
-    return _deltas(path, index)
-
-
 def test_concat_is_exact_sum(tmp_path):
     idx = ModelIndex.template("sd1")
     a, b = AD / "sd1_kohya_lora.safetensors", AD / "sd1_kohya_locon.safetensors"
     out = tmp_path / "ab.safetensors"
     M.merge_adapters([(str(a), 1.0), (str(b), 0.5)], out, M.AdapterMergeOptions(method="concat", dtype="fp32",
                                                                                   no_date=True), quiet=True)
-    da, db, do = _deltas(a, idx), _deltas(b, idx, 0.5), _out_deltas(out, idx)
+    da, db, do = _deltas(a, idx), _deltas(b, idx, 0.5), _deltas(out, idx)
     assert set(do) == set(da) | set(db)
     for k, v in do.items():
         exp = da.get(k, 0) + db.get(k, 0)
@@ -405,7 +401,7 @@ def test_concat_is_exact_sum(tmp_path):
                                        "concat", "--densify", "--dtype", "fp32", "-o", str(out2), "-q"])
     assert r.exit_code == 0, r.output
     dl = _deltas(AD / "sd1_loha.safetensors", idx, 0.8)
-    for k, v in _out_deltas(out2, idx).items():
+    for k, v in _deltas(out2, idx).items():
         torch.testing.assert_close(v, da.get(k, 0) + dl.get(k, 0), rtol=1e-4, atol=1e-5)
 
 
@@ -416,7 +412,7 @@ def test_svd_merge_is_best_rank_n(tmp_path):
     N = 3
     res = M.merge_adapters([(str(a), 1.0), (str(b), 0.6)], out,
                            M.AdapterMergeOptions(method="svd", rank=N, dtype="fp32", no_date=True), quiet=True)
-    da, db, do = _deltas(a, idx), _deltas(b, idx, 0.6), _out_deltas(out, idx)
+    da, db, do = _deltas(a, idx), _deltas(b, idx, 0.6), _deltas(out, idx)
     for k, v in do.items():
         S = torch.linalg.svdvals((da.get(k, 0) + db.get(k, 0)).reshape(v.shape[0], -1).double())
         got = torch.linalg.svdvals(v.reshape(v.shape[0], -1).double())
@@ -434,7 +430,7 @@ def test_concat_mixed_conventions(tmp_path):
     out = tmp_path / "mix.safetensors"
     M.merge_adapters([(str(a), 0.5), (str(b), 1.0)], out, M.AdapterMergeOptions(method="concat", dtype="fp32",
                                                                                  no_date=True), quiet=True)
-    da, db, do = _deltas(a, idx, 0.5), _deltas(b, idx), _out_deltas(out, idx)
+    da, db, do = _deltas(a, idx, 0.5), _deltas(b, idx), _deltas(out, idx)
     assert set(do) == set(da) | set(db)
     for k, v in do.items():
         torch.testing.assert_close(v, da.get(k, 0) + db.get(k, 0), rtol=1e-5, atol=1e-6)
