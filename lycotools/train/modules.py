@@ -134,8 +134,22 @@ class LoRALayer(AdapterLayer):
                 **self.dora_tensors()}
 
 
-class LoHaLayer(AdapterLayer):
+class _FactoredLayer(AdapterLayer):
+    """Layers whose ΔW is rebuilt from factors by the algorithm's own math (``lycotools.adapters.<algo>``)
+    in autograd, then applied as an extra weight: the file's ΔW is exactly what trained."""
+
+    algo_math = None  # the lycotools.adapters module of the algorithm
+
+    def delta(self):
+        return self.algo_math.delta(self.factors(), self.scale, self.weight_shape)
+
+    def forward(self, x):
+        return self.apply_weight(x, self.delta() * self.multiplier)
+
+
+class LoHaLayer(_FactoredLayer):
     algo = "loha"
+    algo_math = loha_math
 
     def __init__(self, layer, rank: int, alpha: float):
         super().__init__(layer)
@@ -151,22 +165,17 @@ class LoHaLayer(AdapterLayer):
         return {"hada_w1_a": self.hada_w1_a, "hada_w1_b": self.hada_w1_b,
                 "hada_w2_a": self.hada_w2_a, "hada_w2_b": self.hada_w2_b}
 
-    def delta(self):
-        return loha_math.delta(self.factors(), self.scale, self.weight_shape)
-
-    def forward(self, x):
-        return self.apply_weight(x, self.delta() * self.multiplier)
-
     def tensors(self):
         t = {k: v.detach().float().cpu().contiguous() for k, v in self.factors().items()}
         return {**loha_math.to_tensors(t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"], self.alpha),
                 **self.dora_tensors()}
 
 
-class LoKrLayer(AdapterLayer):
+class LoKrLayer(_FactoredLayer):
     """W1 (a, c) full; W2 (b, d·k) full when rank >= max(b, d)/2 (then scale 1, as LyCORIS), else w2_a @ w2_b."""
 
     algo = "lokr"
+    algo_math = lokr_math
 
     def __init__(self, layer, rank: int, alpha: float, factor: int = -1):
         super().__init__(layer)
@@ -192,12 +201,6 @@ class LoKrLayer(AdapterLayer):
         if self.full_w2:
             return {"lokr_w1": self.lokr_w1, "lokr_w2": self.lokr_w2}
         return {"lokr_w1": self.lokr_w1, "lokr_w2_a": self.lokr_w2_a, "lokr_w2_b": self.lokr_w2_b}
-
-    def delta(self):
-        return lokr_math.delta(self.factors(), self.scale, self.weight_shape)
-
-    def forward(self, x):
-        return self.apply_weight(x, self.delta() * self.multiplier)
 
     def tensors(self):
         t = {k: v.detach().float().cpu().contiguous() for k, v in self.factors().items()}
