@@ -36,12 +36,45 @@ def _data_section(path):
     return json.loads(b[8:8 + n]), b[8 + n:]
 
 
-@pytest.mark.parametrize("mode", ["planned", "spooled"])
-def test_writer_matches_safetensors_and_kohya_hashes(tmp_path, mode):
+def _direct_writes(monkeypatch, refuse: str | None = None):
+    """Send every planned output through the O_DIRECT sink, in 64 KiB blocks (many block edges
+    inside tensors); ``refuse`` makes the filesystem refuse O_DIRECT at "open" or at "write"."""
+    from lycotools.io import writer
+
+    monkeypatch.setattr(writer, "_DIRECT_MIN", 0)
+    monkeypatch.setattr(writer._DirectSink, "CHUNK", 64 << 10)
+    real_open, real_pwrite, direct_fds = os.open, os.pwrite, set()
+
+    def fake_open(path, flags, *a):
+        if flags & getattr(os, "O_DIRECT", 0) and refuse == "open":
+            raise OSError(22, "Invalid argument")
+        fd = real_open(path, flags, *a)
+        if flags & getattr(os, "O_DIRECT", 0):
+            direct_fds.add(fd)
+        return fd
+
+    def fake_pwrite(fd, data, offset):
+        if fd in direct_fds and refuse == "write":
+            raise OSError(22, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "pwrite", fake_pwrite)
+    return direct_fds
+
+
+@pytest.mark.parametrize("mode", ["planned", "spooled", "direct", "direct-refused-open", "direct-refused-write"])
+def test_writer_matches_safetensors_and_kohya_hashes(tmp_path, mode, monkeypatch):
     t = _tensors()
     meta = {"ss_network_dim": "4", "modelspec.title": "x"}
     out = tmp_path / "a.safetensors"
-    if mode == "planned":
+    if mode.startswith("direct"):
+        if not hasattr(os, "O_DIRECT"):
+            pytest.skip("no O_DIRECT on this platform")
+        fds = _direct_writes(monkeypatch, refuse=mode.split("-")[-1] if "refused" in mode else None)
+        save_tensors(out, t, meta)
+        assert bool(fds) == (mode != "direct-refused-open")
+    elif mode == "planned":
         save_tensors(out, t, meta)
     else:
         with SafetensorsWriter(out, meta) as w:
@@ -65,7 +98,10 @@ def test_writer_matches_safetensors_and_kohya_hashes(tmp_path, mode):
     assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "ref.safetensors"]  # no temp files left
 
 
-def test_writer_is_atomic_and_deterministic(tmp_path):
+@pytest.mark.parametrize("direct", [False, True])
+def test_writer_is_atomic_and_deterministic(tmp_path, direct, monkeypatch):
+    if direct and hasattr(os, "O_DIRECT"):
+        _direct_writes(monkeypatch)
     t = _tensors(n=2, size=10)
     out = tmp_path / "o.safetensors"
     with pytest.raises(RuntimeError):
