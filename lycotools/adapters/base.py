@@ -145,14 +145,18 @@ class AdapterModule:
             weight_shape = tuple(base_weight.shape)
         return self.impl.delta(self.tensors, self.scale, weight_shape=weight_shape, base_weight=base_weight)
 
-    def apply(self, weight, multiplier: float = 1.0, bias=None):
-        """Merged ``(W', b')`` in float32, as the LyCORIS forward path means the file."""
+    def apply(self, weight, multiplier: float = 1.0, bias=None, *, inplace: bool = False):
+        """Merged ``(W', b')`` in float32, as the LyCORIS forward path means the file.
+
+        ``inplace=True`` lets the algorithms that can (plain LoRA/LoCon) write the result into
+        ``weight`` itself when it is a contiguous float32 tensor the caller owns: one pass and no
+        second weight-sized buffer. The returned tensor is the one to use either way."""
         impl = self.impl
         bias32 = None if bias is None else f32(bias)
         if hasattr(impl, "apply"):
             return impl.apply(self.tensors, self.scale, weight, multiplier, bias32)
         if hasattr(impl, "fused_apply"):
-            fused = impl.fused_apply(self.tensors, self.scale, weight, multiplier)
+            fused = impl.fused_apply(self.tensors, self.scale, weight, multiplier, inplace=inplace)
             if fused is not None:
                 return fused, bias32
         w = f32(weight)

@@ -87,15 +87,20 @@ def delta(t, scale: float, weight_shape=None, base_weight=None) -> torch.Tensor:
     return reshape_to(d * scale, weight_shape)
 
 
-def fused_apply(t, scale: float, weight, multiplier: float = 1.0):
+def fused_apply(t, scale: float, weight, multiplier: float = 1.0, inplace: bool = False):
     """W + m·scale·(up @ down) in one ``addmm`` (no ΔW temporary) for plain LoRA; None for the
-    layouts that need the general path (Tucker, sparse residual, DoRA)."""
+    layouts that need the general path (Tucker, sparse residual, DoRA). With ``inplace`` and a
+    contiguous float32 ``weight`` the sum is written into ``weight`` (same values, one buffer less)."""
     if "lora_mid.weight" in t or "bias_values" in t or "dora_scale" in t:
         return None
     w = f32(weight)
     up = flat(t["lora_up.weight"]).to(w.device)
     down = flat(t["lora_down.weight"]).to(w.device)
-    return torch.addmm(w.reshape(w.shape[0], -1), up, down, alpha=multiplier * scale).reshape(w.shape)
+    w2 = w.reshape(w.shape[0], -1)
+    if inplace and w is weight and w.is_contiguous():
+        torch.addmm(w2, up, down, alpha=multiplier * scale, out=w2)
+        return w
+    return torch.addmm(w2, up, down, alpha=multiplier * scale).reshape(w.shape)
 
 
 def _tucker_nd(up, mid, down):

@@ -25,8 +25,10 @@ import torch
 from tqdm import tqdm
 
 from ..devices import CHECKPOINT_DTYPES as DTYPES
+from ..alloc import streaming_threads
 from ..errors import BadInput
 from ..io.metadata import lycotools_record, modelspec
+from ..io.readers import prefetch
 from ..io.writer import SafetensorsWriter, atomic_folder, check_output, check_output_folder
 from ..layouts import checkpoint as ckpt
 from ..layouts.model_view import CheckpointView
@@ -372,10 +374,9 @@ def _to_single(view, path: Path, output: Path, opts, overwrite, quiet) -> dict:
         keys = [k for k in src.keys() if not (opts.prune and pruned(k))]
         dropped = [k for k in src.keys() if opts.prune and pruned(k)]
         plan = [(k, _out_dtype(src.dtype(k), opts), tuple(src.shape(k))) for k in keys]
-        with SafetensorsWriter(output, meta, inputs=[path], overwrite=overwrite, plan=plan) as w:
-            for key in tqdm(w.expected_order, desc=f"convert {path.name}", unit="tensor", file=sys.stderr,
-                            disable=quiet):
-                t = src.get(key)
+        with SafetensorsWriter(output, meta, inputs=[path], overwrite=overwrite, plan=plan) as w, streaming_threads():
+            for key, t in tqdm(prefetch(w.expected_order, src.get), total=len(plan), desc=f"convert {path.name}",
+                               unit="tensor", file=sys.stderr, disable=quiet):
                 w.add(key, t.to(_out_dtype(t.dtype, opts)).contiguous())
     extras = getattr(view.source, "extras", None) or {}
     _say(quiet, f"lycotools: wrote {output} (single file {view.arch}"

@@ -28,6 +28,7 @@ from ..adapters.lora import to_tensors as lora_tensors
 from ..devices import CHECKPOINT_DTYPES as DTYPES, device_of
 from ..errors import BadInput
 from ..io.metadata import lycotools_record, modelspec, network_metadata
+from ..alloc import streaming_threads
 from ..io.readers import DiffusersFolderSource, _component_weights, open_source, prefetch
 from ..io.writer import SafetensorsWriter, atomic_folder, check_output, check_output_folder
 from ..layouts import checkpoint as ckpt
@@ -322,7 +323,7 @@ def apply_edits(raw: torch.Tensor, edits: list[_Edit], dev, bias: bool = False) 
             if bias:
                 w = w + r * mod.impl.bias_delta(mod.tensors).to(w.device, torch.float32).reshape(w.shape)
             else:
-                w, _ = mod.apply(w, r, None)
+                w, _ = mod.apply(w, r, None, inplace=True)  # w is always this function's own buffer
         t = _write_back(t, e.mapping, w)
     return t
 
@@ -398,7 +399,7 @@ def _plan_of(src, keys, out_dtype, name_of=lambda k: k):
 def _bake_single(src, output, w_edits, b_edits, out_dtype, dev, meta, inputs, overwrite, quiet) -> int:
     changed = 0
     plan = _plan_of(src, src.keys(), out_dtype)
-    with SafetensorsWriter(output, meta, inputs=inputs, overwrite=overwrite, plan=plan) as w:
+    with SafetensorsWriter(output, meta, inputs=inputs, overwrite=overwrite, plan=plan) as w, streaming_threads():
         for key, raw in tqdm(prefetch(w.expected_order, src.get), total=len(plan), desc=f"merge {output.name}",
                              unit="tensor", file=sys.stderr, disable=quiet, leave=False):
             t, did = _convert(raw, key, w_edits, b_edits, out_dtype, dev)
@@ -434,10 +435,11 @@ def _bake_diffusers(src: DiffusersFolderSource, output: Path, w_edits, b_edits, 
 
             fname = "diffusion_pytorch_model.safetensors" if comp in ("unet", "vae") else "model.safetensors"
             plan = _plan_of(part, part.keys(), out_dtype)
-            with SafetensorsWriter(tmp / comp / fname, dict(meta, **{"format": "pt"}), plan=plan) as w:
-                for k in tqdm(w.expected_order, desc=f"merge {comp}", unit="tensor", file=sys.stderr,
-                              disable=quiet, leave=False):
-                    t, did = _convert(part.get(k), canon(k), w_edits, b_edits, out_dtype, dev)
+            with SafetensorsWriter(tmp / comp / fname, dict(meta, **{"format": "pt"}), plan=plan) as w, \
+                    streaming_threads():
+                for k, raw in tqdm(prefetch(w.expected_order, part.get), total=len(plan), desc=f"merge {comp}",
+                                   unit="tensor", file=sys.stderr, disable=quiet, leave=False):
+                    t, did = _convert(raw, canon(k), w_edits, b_edits, out_dtype, dev)
                     changed += did
                     w.add(k, t)
     return changed
@@ -835,10 +837,10 @@ def merge_models(paths, output, opts: ModelMergeOptions, *, overwrite=False, qui
                                                  "density": opts.density, "drop_rate": opts.drop_rate,
                                                  "seed": opts.seed}, sort_keys=True)
     plan = _plan_of(a, a.keys(), out_dtype)
-    with SafetensorsWriter(output, meta, inputs=paths, overwrite=overwrite, plan=plan) as w:
-        for key in tqdm(w.expected_order, desc=f"merge {output.name}", unit="tensor", file=sys.stderr,
-                        disable=quiet, leave=False):
-            raw = a.get(key)
+    with SafetensorsWriter(output, meta, inputs=paths, overwrite=overwrite, plan=plan) as w, streaming_threads():
+        for key, raws in tqdm(prefetch(w.expected_order, lambda k: [s.get(k) for s in srcs]), total=len(plan),
+                              desc=f"merge {output.name}", unit="tensor", file=sys.stderr, disable=quiet, leave=False):
+            raw = raws[0]
             target = out_dtype if (out_dtype is not None and raw.is_floating_point()) else raw.dtype
             if not raw.is_floating_point():
                 w.add(key, raw)
@@ -848,7 +850,7 @@ def merge_models(paths, output, opts: ModelMergeOptions, *, overwrite=False, qui
                 slot = _key_slot(key)
                 if slot is not None:
                     alpha = bw[slot]
-            ts = [raw.to(dev, torch.float32)] + [s.get(key).to(dev, torch.float32) for s in srcs[1:]]
+            ts = [t.to(dev, torch.float32) for t in raws]
             if opts.method == "weighted-sum":
                 out = torch.lerp(ts[0], ts[1], alpha) if alpha not in (0, 1) else ts[int(alpha)]
             elif opts.method == "add-difference":
