@@ -570,6 +570,17 @@ def test_checkpoint_dtype_prune_and_pickle(tmp_path):
     run(FIX / "sd1" / "base.safetensors", "--to", "diffusers", "--dtype", "fp8_e4m3fn", "-o", f8, "--config", SD1_PIPE)
     u = raw(f8 / "unet" / "diffusion_pytorch_model.safetensors")
     assert {t.dtype for t in u.values()} == {torch.float8_e4m3fn}
+    # fp8 saturates like merge's cast: torch 2.13 already clamps e4m3fn, but a plain cast to e5m2
+    # turns anything past ±57344 into ±inf
+    big = dict(base)
+    k0 = next(k for k, t in base.items() if t.is_floating_point() and t.numel() > 1)
+    big[k0] = base[k0].clone().float()
+    big[k0].view(-1)[:2] = torch.tensor([1e6, -1e6])
+    save_file(big, str(tmp_path / "big.safetensors"))
+    for name, top in (("fp8_e4m3fn", 448.0), ("fp8_e5m2", 57344.0)):
+        run(tmp_path / "big.safetensors", "--to", "single-file", "--dtype", name, "-o", tmp_path / f"{name}.safetensors")
+        got = raw(tmp_path / f"{name}.safetensors")[k0].float().view(-1)
+        assert got[:2].tolist() == [top, -top] and got.isfinite().all(), name
 
 
 def test_checkpoint_refusals(tmp_path):

@@ -24,7 +24,7 @@ import click
 import torch
 from tqdm import tqdm
 
-from ..devices import CHECKPOINT_DTYPES as DTYPES
+from ..devices import CHECKPOINT_DTYPES as DTYPES, cast_to
 from ..alloc import streaming_threads
 from ..errors import BadInput
 from ..io.metadata import lycotools_record, modelspec
@@ -59,10 +59,9 @@ def _out_dtype(t_dtype: torch.dtype, opts) -> torch.dtype:
 
 
 def cast_to_option(t: torch.Tensor, opts) -> torch.Tensor:
-    """A floating tensor cast to ``--dtype`` when one is given (other dtypes untouched), contiguous."""
-    if opts.dtype and t.is_floating_point():
-        t = t.to(DTYPES[opts.dtype])
-    return t.contiguous()
+    """A floating tensor cast to ``--dtype`` when one is given (other dtypes untouched; fp8
+    saturates, see ``devices.cast_to``), contiguous."""
+    return cast_to(t, _out_dtype(t.dtype, opts))
 
 
 def pruned(key: str) -> bool:
@@ -121,7 +120,7 @@ def _to_diffusers(view, path: Path, output: Path, opts, overwrite, quiet) -> dic
             with SafetensorsWriter(folder / WEIGHT_FILES[comp], {"format": "pt"}, plan=plan, hashes=False) as w:
                 for name in w.expected_order:
                     t = view.get(comp, back[name])
-                    w.add(name, t.to(_out_dtype(t.dtype, opts)).contiguous())
+                    w.add(name, cast_to_option(t, opts))
                     bar.update(1)
         bar.close()
         _pipeline_files(tmp, view, comps, config_dir, opts)
@@ -368,7 +367,7 @@ def _to_single(view, path: Path, output: Path, opts, overwrite, quiet) -> dict:
                 else:
                     parts = sorted(maps, key=lambda m: m.transform[1])
                     t = torch.cat([view.get(m.component, m.diffusers_key) for m in parts], dim=0)
-                w.add(key, t.to(_out_dtype(t.dtype, opts)).contiguous())
+                w.add(key, cast_to_option(t, opts))
     else:
         src = view.source
         keys = [k for k in src.keys() if not (opts.prune and pruned(k))]
@@ -377,7 +376,7 @@ def _to_single(view, path: Path, output: Path, opts, overwrite, quiet) -> dict:
         with SafetensorsWriter(output, meta, inputs=[path], overwrite=overwrite, plan=plan) as w, streaming_threads():
             for key, t in tqdm(prefetch(w.expected_order, src.get), total=len(plan), desc=f"convert {path.name}",
                                unit="tensor", file=sys.stderr, disable=quiet):
-                w.add(key, t.to(_out_dtype(t.dtype, opts)).contiguous())
+                w.add(key, cast_to_option(t, opts))
     extras = getattr(view.source, "extras", None) or {}
     _say(quiet, f"lycotools: wrote {output} (single file {view.arch}"
                 + (f", {opts.dtype}" if opts.dtype else "") + ")")

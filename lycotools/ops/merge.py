@@ -25,7 +25,7 @@ from tqdm import tqdm
 from ..adapter_file import AdapterFile
 from ..adapters import AdapterModule
 from ..adapters.lora import to_tensors as lora_tensors
-from ..devices import CHECKPOINT_DTYPES as DTYPES, device_of
+from ..devices import CHECKPOINT_DTYPES as DTYPES, cast_to, device_of
 from ..errors import BadInput
 from ..io.metadata import lycotools_record, modelspec, network_metadata
 from ..alloc import streaming_threads
@@ -87,14 +87,6 @@ def out_dtype_of(name: str | None):
     if name not in DTYPES:
         raise BadInput(None, f"unknown --dtype {name!r}; expected one of {', '.join(DTYPES)}")
     return DTYPES[name]
-
-
-def cast_out(t: torch.Tensor, dtype) -> torch.Tensor:
-    """Cast a float32 result to the output dtype (fp8: saturate to its range instead of NaN)."""
-    if dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        fi = torch.finfo(dtype)
-        t = t.float().clamp(fi.min, fi.max)
-    return t.to("cpu").to(dtype).contiguous()
 
 
 def _file_hash(src) -> str | None:
@@ -332,12 +324,12 @@ def _convert(raw, key, weights_edits, bias_edits, out_dtype, dev):
     """The output tensor for one key: unchanged bytes where nothing applies and the dtype is kept."""
     target = out_dtype if (out_dtype is not None and raw.is_floating_point()) else raw.dtype
     if key in weights_edits:
-        return cast_out(apply_edits(raw, weights_edits[key], dev), target), True
+        return cast_to(apply_edits(raw, weights_edits[key], dev), target), True
     if key in bias_edits:
-        return cast_out(apply_edits(raw, bias_edits[key], dev, bias=True), target), True
+        return cast_to(apply_edits(raw, bias_edits[key], dev, bias=True), target), True
     if target == raw.dtype:
         return raw, False
-    return cast_out(raw, target), False
+    return cast_to(raw, target), False
 
 
 def bake(checkpoint, specs, output, opts: BakeOptions, *, overwrite=False, quiet=False) -> BakeResult:
@@ -859,7 +851,7 @@ def merge_models(paths, output, opts: ModelMergeOptions, *, overwrite=False, qui
                 out = ts[0] + alpha * _ties([t - ts[0] for t in ts[1:]], opts.density)
             else:
                 out = ts[0] + alpha * _dare([t - ts[0] for t in ts[1:]], opts.drop_rate, layer_seed(opts.seed, key))
-            w.add(key, cast_out(out, target))
+            w.add(key, cast_to(out, target))
     for s in srcs:
         s.close()
     return output
