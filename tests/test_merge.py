@@ -275,7 +275,17 @@ def test_block_weights(tmp_path, sd1_base):
         else:
             assert torch.equal(out[k], full[k]), k
     # preset names and wrong lengths
-    assert M.parse_block_weights("INS", "sd1")[M.SLOTS.index("OUT05")] == 0
+    def on(preset):  # slots the preset sets to 1 (slots a 17-value list does not name stay 1, as in LBW)
+        return {M.SLOTS[i] for i, v in enumerate(M.parse_block_weights(preset, "sd1")) if v == 1} - unnamed
+
+    unnamed = {"IN00", "IN03", "IN06", "IN09", "IN10", "IN11", "OUT00", "OUT01", "OUT02"}
+    assert on("INS") == {"BASE", "IN01", "IN02", "IN04"}
+    assert on("INALL") == {"BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08"}
+    assert on("MIDD") == {"BASE", "IN05", "IN07", "IN08", "MID", "OUT03", "OUT04", "OUT05", "OUT06"}
+    assert on("OUTD") == {"BASE", "OUT03", "OUT04", "OUT05", "OUT06"}
+    assert on("OUTS") == {"BASE", "OUT07", "OUT08", "OUT09", "OUT10", "OUT11"}
+    assert on("OUTALL") == {"BASE"} | {f"OUT{i:02d}" for i in range(3, 12)}
+    assert set(M.parse_block_weights("all0.5", "sd1")) == {0.5, 1.0}
     assert M.parse_block_weights("ALL", "sdxl") == [1.0] * 26
     r = CliRunner().invoke(merge_cmd, [str(SD1), str(lora), "-o", str(tmp_path / "y.safetensors"),
                                        "--block-weights", "1,1,1", "-q"])

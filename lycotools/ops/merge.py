@@ -47,19 +47,20 @@ LAYOUTS = {
     20: ["BASE"] + [f"IN{i:02d}" for i in range(9)] + ["MID"] + [f"OUT{i:02d}" for i in range(9)],
 }
 SDXL_LENGTHS, SD_LENGTHS = (12, 20), (17, 26)
-# Named presets, as 17-value lists (the LoRA-Block-Weight extension's SD1 presets); on SDXL they
+# Named presets: the LoRA-Block-Weight extension's default table (17-value lists); on SDXL they
 # apply to the same slot names.
-PRESETS = {
-    "NONE": [0] * 17,
-    "ALL": [1] * 17,
-    "INS": [1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-    "IND": [1, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-    "INALL": [1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-    "MIDD": [1, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0],
-    "OUTD": [1, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0],
-    "OUTS": [1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1],
-    "OUTALL": [1, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
-}
+PRESETS = {name: [float(v) for v in values.split(",")] for name, values in (
+    ("NONE", "0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0"),
+    ("ALL", "1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1"),
+    ("INS", "1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0"),
+    ("IND", "1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0"),
+    ("INALL", "1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0"),
+    ("MIDD", "1,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0"),
+    ("OUTD", "1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0"),
+    ("OUTS", "1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1"),
+    ("OUTALL", "1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1"),
+    ("ALL0.5", "0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5"),
+)}
 CKPT_METHODS = ("weighted-sum", "add-difference", "ties", "dare")
 ADAPTER_METHODS = ("concat", "svd")
 
