@@ -10,6 +10,7 @@
 
     python bench/merge.py --quick          # small (--scale 0.125), one run each
     python bench/merge.py                  # full size, 3 runs each, medians
+    python bench/merge.py --arch sdxl --skip-svd --skip-whole   # SDXL-sized bake: time and peak RSS
 
 The whole-model baseline is written here from the description in kohya.md §3.1 (load all, add,
 save); it is not kohya's code.
@@ -41,10 +42,10 @@ sys.path.insert(0, str(ROOT))
 # ------------------------------------------------------------------------------------------------
 
 
-def scaled_shapes(scale: float) -> dict[str, tuple]:
+def scaled_shapes(scale: float, arch: str = "sd1") -> dict[str, tuple]:
     from lycotools.layouts.checkpoint import template_single_shapes
 
-    shapes = template_single_shapes("sd1")
+    shapes = template_single_shapes(arch)
     f = max(1, round(1 / scale))
 
     def sc(d):
@@ -53,10 +54,10 @@ def scaled_shapes(scale: float) -> dict[str, tuple]:
     return {k: tuple(sc(int(d)) for d in s) for k, s in shapes.items()}
 
 
-def make_checkpoint(path: Path, scale: float, seed: int = 0):
+def make_checkpoint(path: Path, scale: float, seed: int = 0, arch: str = "sd1"):
     from lycotools.io.writer import SafetensorsWriter
 
-    shapes = scaled_shapes(scale)
+    shapes = scaled_shapes(scale, arch)
     g = torch.Generator().manual_seed(seed)
     plan = [(k, torch.float16, s) for k, s in shapes.items()]
     with SafetensorsWriter(path, {"format": "pt"}, plan=plan, hashes=False, overwrite=True) as w:
@@ -71,6 +72,7 @@ def lora_modules(ckpt_path: Path):
     from lycotools.layouts.model_index import ModelIndex
 
     idx = ModelIndex.from_source(open_source(ckpt_path))
+    arch = idx.arch
     out = []
     for comp, mods in idx.modules.items():
         for module, shape in sorted(mods.items()):
@@ -80,11 +82,11 @@ def lora_modules(ckpt_path: Path):
                 continue
             if comp == "unet" and "norm" in module.split(".")[-1]:
                 continue
-            if comp == "text_encoder" and not (".self_attn." in module or ".mlp." in module):
+            if comp.startswith("text_encoder") and not (".self_attn." in module or ".mlp." in module):
                 continue
-            if comp not in ("unet", "text_encoder"):
+            if comp not in ("unet", "text_encoder", "text_encoder_2"):
                 continue
-            out.append((kohya_module_name("sd1", comp, module), tuple(shape)))
+            out.append((kohya_module_name(arch, comp, module), tuple(shape)))
     return out
 
 
@@ -261,6 +263,8 @@ def main():
     ap.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
     ap.add_argument("--workdir", default=None, help="where the synthetic files go (default: a temp folder)")
     ap.add_argument("--skip-svd", action="store_true", help="only the bake rows")
+    ap.add_argument("--arch", default="sd1", choices=["sd1", "sdxl"], help="layer shapes (sdxl: ~6.5 GB fp16)")
+    ap.add_argument("--skip-whole", action="store_true", help="no whole-model baseline (it needs the model in RAM)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     for k in ("ckpt", "lora", "lora2", "out"):
         ap.add_argument(f"--{k}", default=None, help=argparse.SUPPRESS)
@@ -273,15 +277,16 @@ def main():
     work = Path(a.workdir or tempfile.mkdtemp(prefix="lycotools-bench-merge-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        ck, lora, lora2 = work / "sd15.safetensors", work / "locon32.safetensors", work / "lora32b.safetensors"
+        ck = work / ("sd15.safetensors" if a.arch == "sd1" else f"{a.arch}.safetensors")
+        lora, lora2 = work / f"locon32_{a.arch}.safetensors", work / f"lora32b_{a.arch}.safetensors"
         t0 = time.perf_counter()
-        make_checkpoint(ck, scale)
+        make_checkpoint(ck, scale, arch=a.arch)
         mods = lora_modules(ck)
         make_lora(lora, mods, 32, seed=1)
         make_lora(lora2, mods, 32, seed=2, alpha=32)
         size = ck.stat().st_size
         print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {a.threads}; "
-              f"scale {scale}: checkpoint {size / 2**20:.0f} MiB, {len(mods)} LoCon modules (made in "
+              f"{a.arch} scale {scale}: checkpoint {size / 2**20:.0f} MiB, {len(mods)} LoCon modules (made in "
               f"{time.perf_counter() - t0:.1f}s); medians of {repeats} run(s)")
         rows = []
         out = work / "out.safetensors"
@@ -292,20 +297,24 @@ def main():
         c_t, c_r = (statistics.median(p[0][k] for p in pairs) for k in ("time", "rss"))
         l_t, l_r = (statistics.median(p[1][k] for p in pairs) for k in ("time", "rss"))
         ratio = statistics.median(p[1]["time"] / p[0]["time"] for p in pairs)
-        w_t, w_r = measure("whole-model", a, repeats, ckpt=ck, lora=lora, out=work / "whole.safetensors")
         i_t, _ = measure("index", a, repeats, ckpt=ck)
-        # the two bakes agree
-        from safetensors import safe_open
-
-        diff = 0.0
-        with safe_open(str(out), "pt") as f1, safe_open(str(work / "whole.safetensors"), "pt") as f2:
-            for k in f1.keys():
-                diff = max(diff, float((f1.get_tensor(k).float() - f2.get_tensor(k).float()).abs().max()))
         rows.append(("bake: copy file", c_t, c_r, ""))
-        rows.append(("bake: lycotools (streamed)", l_t, l_r, f"time {ratio:.2f}x copy; RSS {l_r / w_r:.2f}x whole-model"))
+        if a.skip_whole:
+            rows.append(("bake: lycotools (streamed)", l_t, l_r, f"time {ratio:.2f}x copy"))
+        else:
+            w_t, w_r = measure("whole-model", a, repeats, ckpt=ck, lora=lora, out=work / "whole.safetensors")
+            # the two bakes agree
+            from safetensors import safe_open
+
+            diff = 0.0
+            with safe_open(str(out), "pt") as f1, safe_open(str(work / "whole.safetensors"), "pt") as f2:
+                for k in f1.keys():
+                    diff = max(diff, float((f1.get_tensor(k).float() - f2.get_tensor(k).float()).abs().max()))
+            rows.append(("bake: lycotools (streamed)", l_t, l_r, f"time {ratio:.2f}x copy; RSS {l_r / w_r:.2f}x whole-model"))
         rows.append(("  of which key-map build (fixed)", i_t, float("nan"),
                      f"without it: {(l_t - i_t) / c_t:.2f}x copy" if l_t > i_t else "(noisy run: longer than the bake)"))
-        rows.append(("bake: whole-model load/add/save", w_t, w_r, f"time {w_t / c_t:.2f}x copy; max |diff| vs lycotools {diff:.2g}"))
+        if not a.skip_whole:
+            rows.append(("bake: whole-model load/add/save", w_t, w_r, f"time {w_t / c_t:.2f}x copy; max |diff| vs lycotools {diff:.2g}"))
         if not a.skip_svd:
             s_t, s_r = measure("lycotools-svd", a, repeats, lora=lora, lora2=lora2, out=work / "svd.safetensors")
             d_t, d_r = measure("dense-svd", a, repeats, lora=lora, lora2=lora2, out=work / "dense.safetensors")

@@ -575,3 +575,37 @@ def test_model_merge_per_block_alphas(tmp_path, sd1_base):
             assert torch.equal(o[k], v), k  # alpha 0 there: A
         elif k.startswith("cond_stage_model.") and v.is_floating_point():
             assert torch.equal(o[k], t[k]), k  # BASE alpha 1: B
+
+
+def test_model_merge_reads_diffusers_folders(tmp_path):
+    """A diffusers folder is merged as the single file it converts to: same result as its single file."""
+    tuned = FIX / "sd1" / "tuned.safetensors"
+    outs = {}
+    for name, first in (("single", SD1), ("folder", FIX / "sd1" / "diffusers")):
+        outs[name] = tmp_path / f"{name}.safetensors"
+        M.merge_models([str(first), str(tuned)], outs[name], M.ModelMergeOptions("weighted-sum", alpha=0.3, no_date=True),
+                       quiet=True)
+    a, b = load_file(outs["single"]), load_file(outs["folder"])
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the folder as the second model: only the operand order of the lerp differs
+    M.merge_models([str(tuned), str(FIX / "sd1" / "diffusers")], tmp_path / "c.safetensors",
+                   M.ModelMergeOptions("weighted-sum", alpha=0.7, no_date=True), quiet=True)
+    for k, v in load_file(tmp_path / "c.safetensors").items():
+        torch.testing.assert_close(v, a[k], rtol=1e-6, atol=1e-7)
+    # keys a folder has no place for (EMA state here) are kept from the first model, with a note
+    from safetensors.torch import save_file
+
+    extra = dict(load_file(SD1), **{"model_ema.decay": torch.tensor(0.9999)})
+    save_file(extra, str(tmp_path / "ema.safetensors"))
+    M.merge_models([str(tmp_path / "ema.safetensors"), str(FIX / "sd1" / "diffusers")], tmp_path / "d.safetensors",
+                   M.ModelMergeOptions("weighted-sum", alpha=0.5, no_date=True), quiet=True)
+    d = load_file(tmp_path / "d.safetensors")
+    assert d["model_ema.decay"].item() == pytest.approx(0.9999) and len(d) == len(a) + 1
+    # but a single file missing a model weight is still a mismatch (exit 2)
+    del extra["model_ema.decay"], extra[next(k for k in extra if k.startswith("model.diffusion_model."))]
+    save_file(extra, str(tmp_path / "short.safetensors"))
+    r = CliRunner().invoke(merge_cmd, ["--models", str(SD1), str(tmp_path / "short.safetensors"), "-o",
+                                       str(tmp_path / "e.safetensors"), "-q"])
+    assert r.exit_code == 2 and "missing" in r.output and not (tmp_path / "e.safetensors").exists()

@@ -99,3 +99,43 @@ class CheckpointView:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class SingleFileSource(Source):
+    """A diffusers folder read as the single-file checkpoint it converts to: ldm/sgm keys and
+    tensors (OpenCLIP q/k/v concatenated back into ``in_proj``), built lazily one key at a time.
+    ``dropped`` lists the folder's keys that have no single-file place."""
+
+    kind = "diffusers-as-single-file"
+
+    def __init__(self, view: CheckpointView):
+        super().__init__(view.path)
+        self.view = view
+        self.metadata = dict(view.source.metadata)
+        km = view.single_map()
+        groups: dict[str, list] = {}
+        for m in km.mappings:
+            groups.setdefault(m.single_key, []).append(m)
+        mapped = {(m.component, m.diffusers_key) for m in km.mappings}
+        self.dropped = [f"{c}.{k}" for c, k in view.keys() if (c, k) not in mapped]
+        for key, maps in groups.items():
+            shape = tuple(km.single_shapes[key])
+            dtype = view.dtype(maps[0].component, maps[0].diffusers_key)
+            self._index[key] = (lambda maps=maps, nd=len(shape): self._build(maps, nd), shape, dtype)
+
+    def _build(self, maps, ndim: int) -> torch.Tensor:
+        view = self.view
+        if len(maps) == 1 and not isinstance(maps[0].transform, tuple):
+            m = maps[0]
+            return ckpt.diffusers_to_single_tensor(m, view.get(m.component, m.diffusers_key), ndim)
+        parts = sorted(maps, key=lambda m: m.transform[1])
+        return torch.cat([view.get(m.component, m.diffusers_key) for m in parts], dim=0)
+
+    def close(self):
+        self.view.close()
+
+
+def as_single_file(source: Source) -> Source:
+    """``source`` with single-file keys: itself when it is one, a SingleFileSource for a diffusers folder."""
+    view = CheckpointView(source)
+    return SingleFileSource(view) if view.layout == "diffusers" else source

@@ -31,7 +31,7 @@ from ..io.metadata import lycotools_record, modelspec
 from ..io.readers import prefetch
 from ..io.writer import SafetensorsWriter, atomic_folder, check_output, check_output_folder
 from ..layouts import checkpoint as ckpt
-from ..layouts.model_view import CheckpointView
+from ..layouts.model_view import CheckpointView, SingleFileSource
 
 PRUNE_PREFIXES = ("model_ema.", "ema_model.", "optimizer", "optimizer_states", "lr_scheduler", "lr_schedulers",
                   "callbacks", "loops.", "ema.")
@@ -346,28 +346,13 @@ def _to_single(view, path: Path, output: Path, opts, overwrite, quiet) -> dict:
     meta.update(lycotools_record("convert", [{"role": "input", "name": path.name}], options))
     dropped: list[str] = []
     if view.layout == "diffusers":
-        km = view.single_map()
-        groups: dict[str, list] = {}
-        for m in km.mappings:
-            groups.setdefault(m.single_key, []).append(m)
-        mapped = {(m.component, m.diffusers_key) for m in km.mappings}
-        dropped = [f"{c}.{k}" for c, k in view.keys() if (c, k) not in mapped]
-        plan = []
-        for key, maps in groups.items():
-            dt = view.dtype(maps[0].component, maps[0].diffusers_key)
-            plan.append((key, _out_dtype(dt, opts), tuple(km.single_shapes[key])))
+        src = SingleFileSource(view)
+        dropped = src.dropped
+        plan = [(k, _out_dtype(src.dtype(k), opts), src.shape(k)) for k in src.keys()]
         with SafetensorsWriter(output, meta, inputs=[path], overwrite=overwrite, plan=plan) as w:
             for key in tqdm(w.expected_order, desc=f"convert {path.name}", unit="tensor", file=sys.stderr,
                             disable=quiet):
-                maps = groups[key]
-                if len(maps) == 1 and not isinstance(maps[0].transform, tuple):
-                    m = maps[0]
-                    t = ckpt.diffusers_to_single_tensor(m, view.get(m.component, m.diffusers_key),
-                                                        len(km.single_shapes[key]))
-                else:
-                    parts = sorted(maps, key=lambda m: m.transform[1])
-                    t = torch.cat([view.get(m.component, m.diffusers_key) for m in parts], dim=0)
-                w.add(key, cast_to_option(t, opts))
+                w.add(key, cast_to_option(src.get(key), opts))
     else:
         src = view.source
         keys = [k for k in src.keys() if not (opts.prune and pruned(k))]

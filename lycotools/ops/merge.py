@@ -24,16 +24,17 @@ from tqdm import tqdm
 
 from ..adapter_file import AdapterFile
 from ..adapters import AdapterModule
+from ..alloc import streaming_threads
 from ..adapters.lora import to_tensors as lora_tensors
 from ..devices import CHECKPOINT_DTYPES as DTYPES, cast_to, device_of
 from ..errors import BadInput
 from ..io.metadata import lycotools_record, modelspec, network_metadata
-from ..alloc import streaming_threads
 from ..io.readers import DiffusersFolderSource, _component_weights, open_source, prefetch
 from ..io.writer import SafetensorsWriter, atomic_folder, check_output, check_output_folder
 from ..layouts import checkpoint as ckpt
 from ..layouts.adapter_keys import kohya_module_name
 from ..layouts.model_index import ModelIndex
+from ..layouts.model_view import SingleFileSource, as_single_file
 from ..linalg import (LayerSpectrum, allocate_budget, exact_svd, layer_seed, lora_cost, parse_budget,
                       svd_of_product, truncated_svd)
 
@@ -802,20 +803,29 @@ def merge_models(paths, output, opts: ModelMergeOptions, *, overwrite=False, qui
     if output.suffix != ".safetensors":
         raise BadInput(output, "the output of a merge is a .safetensors file")
     check_output(output, paths, overwrite)
-    srcs = [open_source(p) for p in paths]
-    if any(isinstance(s, DiffusersFolderSource) for s in srcs):
-        raise BadInput(paths[0], "checkpoint merges read single-file checkpoints", hint="convert the diffusers folder first")
+    srcs = []
+    for p in paths:  # diffusers folders are read as the single file they convert to
+        s = open_source(p)
+        srcs.append(as_single_file(s) if isinstance(s, DiffusersFolderSource) else s)
     a = srcs[0]
     archs = [ckpt.detect_checkpoint(s.shapes()).arch for s in srcs]
     for p, arch in zip(paths[1:], archs[1:]):
         if arch != archs[0]:
             raise BadInput(p, f"architecture mismatch: {arch} vs {archs[0]} ({Path(paths[0]).name})")
-    for p, s in zip(paths[1:], srcs[1:]):
+    # keys that a diffusers folder has no place for (EMA copies, position ids, ...) keep the first
+    # model's tensor; between single files a missing key is a real mismatch
+    unmerged = set()
+    for p, s in zip(paths, srcs):
         for k in a.keys():
             if k not in s:
-                raise BadInput(p, f"key {k} of {Path(paths[0]).name} is missing", hint="merge models of the same architecture and layout")
-            if tuple(s.shape(k)) != tuple(a.shape(k)):
+                if not isinstance(s, SingleFileSource) or k.startswith(("model.diffusion_model.", "first_stage_model.")):
+                    raise BadInput(p, f"key {k} of {Path(paths[0]).name} is missing", hint="merge models of the same architecture")
+                unmerged.add(k)
+            elif tuple(s.shape(k)) != tuple(a.shape(k)):
                 raise BadInput(p, f"key {k} has shape {tuple(s.shape(k))}, not {tuple(a.shape(k))} as in {Path(paths[0]).name}")
+    if unmerged and not quiet:
+        print(f"lycotools: note: {len(unmerged)} key(s) only in {Path(paths[0]).name} (e.g. {min(unmerged)}) "
+              "are kept from it unmerged: the diffusers folders have no such weights", file=sys.stderr)
     bw = parse_block_weights(opts.block_weights, archs[0]) if opts.block_weights else None
     meta = _kept_metadata(a.metadata)
     info = ckpt.detect_checkpoint(a.shapes())
@@ -831,12 +841,12 @@ def merge_models(paths, output, opts: ModelMergeOptions, *, overwrite=False, qui
                                                  "seed": opts.seed}, sort_keys=True)
     plan = _plan_of(a, a.keys(), out_dtype)
     with SafetensorsWriter(output, meta, inputs=paths, overwrite=overwrite, plan=plan) as w, streaming_threads():
-        for key, raws in tqdm(prefetch(w.expected_order, lambda k: [s.get(k) for s in srcs]), total=len(plan),
+        for key, raws in tqdm(prefetch(w.expected_order, lambda k: [s.get(k) for s in srcs if k in s]), total=len(plan),
                               desc=f"merge {output.name}", unit="tensor", file=sys.stderr, disable=quiet, leave=False):
             raw = raws[0]
             target = out_dtype if (out_dtype is not None and raw.is_floating_point()) else raw.dtype
-            if not raw.is_floating_point():
-                w.add(key, raw)
+            if not raw.is_floating_point() or key in unmerged:
+                w.add(key, cast_to(raw, target))
                 continue
             alpha = opts.alpha
             if bw is not None:
