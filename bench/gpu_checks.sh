@@ -3,7 +3,10 @@
 #   1. extract on CUDA gives the same adapter as on CPU (to fp16 rounding) on the tiny SD1 pair, and
 #      times a whole SD1.5-sized extract on the GPU;
 #   2. merge (bake) on CUDA equals the CPU result on the tiny fixtures;
-#   3. bench/train_gpu.sh (SD1.5-sized LoRA training, 200 steps, bf16): it/s and peak GPU memory.
+#   3. train --algo full on CUDA with bf16 autocast (tiny fixture): the trained weights stay float32 on the GPU,
+#      frozen ones are bf16, and the saved diff is exactly trained − base;
+#   4. bench/train_gpu.sh (SD1.5-sized LoRA training, 200 steps, bf16): it/s and peak GPU memory, then the same
+#      model with ALGO=full for 50 steps (full fine-tune of the attention/ResNet weights).
 # Usage: bash bench/gpu_checks.sh   (needs a CUDA build of torch: pip install torch --index-url ...)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,4 +39,40 @@ worst = max(float((a.get(k).float() - b.get(k).float()).abs().max()) for k in a.
 print(f"merge cuda vs cpu: max abs difference {worst:.2e}"); assert worst < 1e-5
 PY
 fi
-[ -f bench/train_gpu.sh ] && bash bench/train_gpu.sh
+python - "$out" <<'PY'
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from lycotools.train.trainer import TrainOptions, train
+
+out = Path(sys.argv[1])
+data = out / "full_data" / "1_thing"
+data.mkdir(parents=True, exist_ok=True)
+g = torch.Generator().manual_seed(0)
+for i in range(4):
+    Image.fromarray((torch.rand(64, 64, 3, generator=g) * 255).to(torch.uint8).numpy()).save(data / f"i{i}.png")
+    (data / f"i{i}.txt").write_text(f"a photo of a thing, red, {i}")
+opts = TrainOptions(algo="full", steps=5, lr=1e-3, resolution=32, batch_size=2, mixed_precision="bf16", device="cuda",
+                    train_text_encoder=True, no_date=True)
+res = train("fixtures/sd1/diffusers", data.parent, out / "full.safetensors", opts, overwrite=True, quiet=True,
+            keep_models=True)
+assert all(torch.isfinite(torch.tensor(res.losses))), res.losses
+f = load_file(out / "full.safetensors")
+worst, moved = 0.0, 0.0
+for t in res.network.targets:
+    w = t.layer.weight
+    assert w.is_cuda and w.dtype == torch.float32, (t.name, w.device, w.dtype)
+    view, comp, wkey, _ = t.adapter.source
+    base = view.get(comp, wkey).float()
+    worst = max(worst, float((base + f[t.name + ".diff"] - w.detach().cpu()).abs().max()))
+    moved = max(moved, float(f[t.name + ".diff"].abs().max()))
+assert res.base.unet.conv_in.weight.dtype == torch.bfloat16  # not a target: frozen in the compute dtype
+print(f"full bf16 on cuda: {len(res.network.targets)} layers, max |diff| {moved:.2e}, "
+      f"base + diff vs trained {worst:.2e}")
+assert moved > 0 and worst < 1e-6
+PY
+[ -f bench/train_gpu.sh ] && bash bench/train_gpu.sh && ALGO=full STEPS=50 bash bench/train_gpu.sh

@@ -64,6 +64,15 @@ def _resolved(path):
     return af
 
 
+def _merge_into(sd, lm, module):
+    """W + ΔW (or the DoRA merge) into state dict ``sd``, and b + diff_b where the file has one (full)."""
+    key, bkey = module + ".weight", module + ".bias"
+    w, b = lm.module.apply(sd[key], bias=sd.get(bkey))
+    sd[key] = w
+    if b is not None:
+        sd[bkey] = b
+
+
 def _merged_unet_matches(res, path):
     """The UNet with the file's ΔW added to its weights equals the trained model (hooks on) to 1e-4."""
     from lycotools.train.model import load_base
@@ -74,8 +83,7 @@ def _merged_unet_matches(res, path):
     for lm in _resolved(path).parsed:
         if lm.target.component != "unet":
             continue
-        key = lm.target.module + ".weight"
-        sd[key] = lm.module.apply(sd[key])[0]  # W + ΔW, or the DoRA merge
+        _merge_into(sd, lm, lm.target.module)
         n += 1
     fresh.unet.load_state_dict(sd)
     g = torch.Generator().manual_seed(5)
@@ -102,9 +110,8 @@ def _merged_te_matches(res, path):
     for lm in _resolved(path).parsed:
         if lm.target.component != "text_encoder":
             continue
-        key = lm.target.module + ".weight"
-        key = key if key in sd else key[len("text_model."):]
-        sd[key] = lm.module.apply(sd[key])[0]
+        mod = lm.target.module
+        _merge_into(sd, lm, mod if mod + ".weight" in sd else mod[len("text_model."):])
         n += 1
     fresh.load_state_dict(sd)
     ids = torch.tensor([[523, 5, 17, 99, 524] + [524] * 72])
@@ -115,28 +122,51 @@ def _merged_te_matches(res, path):
     return n
 
 
-def _lycoris_forward_matches(path):
+def _lycoris_forward_matches(path, factor=-1):
+    """lycoris-lora's own module, built from the file's tensors on the base layer, gives the output of our
+    merged weights (its forward path is the reference, conventions.md): up to 6 k×k convs, 6 1×1 convs and
+    6 linears. Returns the tensor suffixes checked."""
     lycoris = pytest.importorskip("lycoris")
     import lycoris.modules as lm_
 
     base = open_source(SD1)
-    checked = 0
-    for lm in _resolved(path).parsed:
+    seen = {"linear": 0, "1x1": 0, "kxk": 0}
+    kinds = set()
+    tucker_first = sorted(_resolved(path).parsed, key=lambda lm: not set(lm.module.tensors) & set(TUCKER_KEY.values()))
+    for lm in tucker_first:
+        shape = tuple(lm.target.shape)
+        kind = "linear" if len(shape) == 2 else "1x1" if all(k == 1 for k in shape[2:]) else "kxk"
+        if seen[kind] >= 6:
+            continue
+        seen[kind] += 1
         W = base.get(lm.target.weight_key).float()
         t = {k: v.float() for k, v in lm.module.tensors.items()}
         g = t.get
+        has_b = "diff_b" in t
+        b = base.get(lm.target.weight_key[: -len("weight")] + "bias").float() if has_b else None
         if W.dim() == 2:
-            orig = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
+            orig = torch.nn.Linear(W.shape[1], W.shape[0], bias=has_b)
         else:
-            orig = torch.nn.Conv2d(W.shape[1], W.shape[0], W.shape[2:], padding=W.shape[2] // 2, bias=False)
+            orig = torch.nn.Conv2d(W.shape[1], W.shape[0], W.shape[2:], padding=W.shape[2] // 2, bias=has_b)
         with torch.no_grad():
             orig.weight.copy_(W)
+            if has_b:
+                orig.bias.copy_(b)
             if "lora_up.weight" in t:
                 mod = lm_.LoConModule.make_module_from_state_dict("m", orig, g("lora_up.weight"), g("lora_down.weight"),
                                                                   g("lora_mid.weight"), g("alpha"), g("dora_scale"))
             elif "hada_w1_a" in t:
                 mod = lm_.LohaModule.make_module_from_state_dict("m", orig, g("hada_w1_a"), g("hada_w1_b"), g("hada_w2_a"),
-                                                                 g("hada_w2_b"), None, None, g("alpha"), g("dora_scale"))
+                                                                 g("hada_w2_b"), g("hada_t1"), g("hada_t2"), g("alpha"),
+                                                                 g("dora_scale"))
+            elif "diff" in t:
+                mod = lm_.FullModule.make_module_from_state_dict("m", orig, g("diff"), g("diff_b"))
+            elif "lokr_t2" in t:  # its loader misreads the Tucker rank (lycoris.md §2.14): build the module directly
+                mod = lm_.LokrModule("m", orig, 1.0, lora_dim=t["lokr_w2_b"].shape[0], alpha=float(t["alpha"]),
+                                     use_tucker=True, factor=factor, weight_decompose="dora_scale" in t)
+                for k in ("lokr_w1", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "dora_scale"):
+                    if k in t:
+                        getattr(mod, k).copy_(t[k])
             else:
                 mod = lm_.LokrModule.make_module_from_state_dict("m", orig, g("lokr_w1"), None, None, g("lokr_w2"),
                                                                  g("lokr_w2_a"), g("lokr_w2_b"), None, None, g("alpha"), g("dora_scale"))
@@ -144,16 +174,19 @@ def _lycoris_forward_matches(path):
         x = torch.randn(3, W.shape[1]) if W.dim() == 2 else torch.randn(2, W.shape[1], 6, 6)
         with torch.no_grad():
             y = orig(x)
-            W2 = lm.module.apply(W)[0]
-            ref = F.linear(x, W2) if W.dim() == 2 else F.conv2d(x, W2, padding=W.shape[2] // 2)
+            W2, b2 = lm.module.apply(W, bias=b)
+            ref = F.linear(x, W2, b2) if W.dim() == 2 else F.conv2d(x, W2, b2, padding=W.shape[2] // 2)
         assert torch.allclose(y, ref, rtol=1e-4, atol=1e-5), lm.name
-        checked += 1
-        if checked >= 12:
-            break
-    assert checked
+        kinds |= set(t) - {"alpha", "dora_scale"}
+    assert sum(seen.values()), seen
+    return kinds
 
 
-@pytest.mark.parametrize("algo", ["lora", "locon", "loha", "lokr", "locon-dora", "locon-tucker"])
+TUCKER_KEY = {"locon": "lora_mid.weight", "loha": "hada_t1", "lokr": "lokr_t2"}
+
+
+@pytest.mark.parametrize("algo", ["lora", "locon", "loha", "lokr", "locon-dora", "locon-tucker", "loha-tucker",
+                                  "lokr-tucker", "full"])
 def test_algo_trains_and_file_is_what_was_trained(tmp_path, data, algo):
     from lycotools.ops.inspect import inspect_path
 
@@ -161,9 +194,9 @@ def test_algo_trains_and_file_is_what_was_trained(tmp_path, data, algo):
     kw = dict(rank=2, alpha=1.0)
     if algo == "locon-dora":
         algo, kw["dora"] = "locon", True
-    if algo == "locon-tucker":
-        algo, kw["tucker"] = "locon", True
-    if algo == "lora":
+    if algo.endswith("-tucker"):
+        algo, kw["tucker"] = algo[: -len("-tucker")], True
+    if algo in ("lora", "full"):
         kw["train_text_encoder"] = True
     if algo in ("lora", "loha"):
         kw["gradient_checkpointing"] = True  # the hooks run inside checkpointed blocks
@@ -171,7 +204,7 @@ def test_algo_trains_and_file_is_what_was_trained(tmp_path, data, algo):
     assert len(res.losses) == 10 and all(math.isfinite(l) for l in res.losses)
     af = _resolved(out)
     assert af.parsed and all(lm.module.delta(lm.target.shape).abs().max() > 0 for lm in af.parsed), "some factors never moved"
-    want = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr"}[algo]
+    want = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr", "full": "full"}[algo]
     assert {lm.module.algo for lm in af.parsed} == {want}
     names = [lm.name for lm in af.parsed]
     if algo == "lora":
@@ -182,19 +215,90 @@ def test_algo_trains_and_file_is_what_was_trained(tmp_path, data, algo):
     rep = inspect_path(out)
     assert rep["kind"] == "adapter" and rep.get("arch") == "sd1", rep
     meta = open_source(out).metadata
-    assert meta["ss_network_module"] == ("lycoris.kohya" if algo in ("loha", "lokr") or kw.get("dora") else "networks.lora")
+    lyco = algo in ("loha", "lokr", "full") or kw.get("dora")
+    assert meta["ss_network_module"] == ("lycoris.kohya" if lyco else "networks.lora")
+    if lyco:
+        assert json.loads(meta["ss_network_args"])["algo"] == algo
     if kw.get("dora"):
         assert all("dora_scale" in lm.module.tensors for lm in af.parsed)
+    tk = TUCKER_KEY.get(algo)
+    n_tucker = sum(tk in lm.module.tensors for lm in af.parsed) if tk else 0
+    assert (n_tucker >= 8) == bool(kw.get("tucker")), n_tucker
     if kw.get("tucker"):
-        assert sum("lora_mid.weight" in lm.module.tensors for lm in af.parsed) > 10
+        assert json.loads(meta["ss_network_args"])["use_tucker"] == "True"
+        for lm in af.parsed:  # Tucker on exactly the k×k convs, in LyCORIS's layouts
+            t, shape = lm.module.tensors, tuple(lm.target.shape)
+            assert (tk in t) == (len(shape) == 4 and shape[2:] != (1, 1) and "lokr_w2" not in t), lm.name
+            if tk in t and algo == "loha":
+                assert t["hada_w1_a"].shape == t["hada_w2_a"].shape == (2, shape[0])
+                assert t["hada_w1_b"].shape == (2, shape[1]) and t["hada_t1"].shape == t["hada_t2"].shape == (2, 2, *shape[2:])
+            if tk in t and algo == "lokr":
+                b, d = (shape[0] // t["lokr_w1"].shape[0], shape[1] // t["lokr_w1"].shape[1])
+                assert t["lokr_w2_a"].shape == (2, b) and t["lokr_w2_b"].shape == (2, d) and t["lokr_t2"].shape == (2, 2, *shape[2:])
     assert meta["ss_max_train_steps"] == "10" and meta["ss_num_train_images"] == "8"  # 4 images x 2 repeats
     assert meta["modelspec.architecture"].startswith("stable-diffusion-v1/")
     assert _merged_unet_matches(res, out) > 10
-    if algo == "lora":
+    if algo in ("lora", "full"):
         assert _merged_te_matches(res, out) == 12  # 2 layers x (q, k, v, out, fc1, fc2)
-    _lycoris_forward_matches(out)
+    kinds = _lycoris_forward_matches(out)
+    if tk and kw.get("tucker"):
+        assert tk in kinds  # a Tucker module was among those lycoris-lora rebuilt
+    if algo == "full":
+        assert {"diff", "diff_b"} <= kinds
+        _full_only_targets_changed(res, af)
+        _full_bake_reproduces(res, out, tmp_path)
     rows = list(csv.DictReader(open(res.loss_log)))
     assert len(rows) == 10 and all(math.isfinite(float(r["loss"])) for r in rows)
+
+
+def _full_only_targets_changed(res, af):
+    """algo=full trains the targeted weights and biases in float32 and nothing else: every other tensor of
+    the UNet and text encoder is bit-identical to the base, and each stored diff is trained − base exactly."""
+    from lycotools.train.model import load_base
+
+    fresh = load_base(SD1, need_vae=False)
+    targets = {(t.component, t.module) for t in res.network.targets}
+    assert len(targets) == len(af.parsed)
+    n_same = 0
+    for comp, trained, base in [("unet", res.base.unet, fresh.unet),
+                                ("text_encoder", res.base.text_encoders["text_encoder"], fresh.text_encoders["text_encoder"])]:
+        base_p = dict(base.named_parameters())
+        for name, p in trained.named_parameters():
+            module = name.rsplit(".", 1)[0]
+            if (comp, module) in targets:
+                assert p.requires_grad and p.dtype == torch.float32, name
+            else:
+                assert not p.requires_grad and torch.equal(p.detach(), base_p[name]), name
+                n_same += 1
+    assert n_same > 20
+    by_name = {t.name: t for t in res.network.targets}
+    for lm in af.parsed[:20]:
+        layer = by_name[lm.name].layer
+        assert torch.equal(lm.module.tensors["diff"], layer.weight.detach() - _base_tensor(lm.target.weight_key))
+
+
+def _base_tensor(key):
+    return open_source(SD1).get(key).float()
+
+
+def _full_bake_reproduces(res, out, tmp_path):
+    """`lycotools merge BASE FILE` (bake into the diffusers folder) gives back the trained UNet and text encoder."""
+    from lycotools.ops import merge as M
+    from lycotools.train.model import load_base
+
+    folder = tmp_path / "merged"
+    M.bake(str(SD1), [(str(out), 1.0)], folder, M.BakeOptions(no_date=True), quiet=True)
+    merged = load_base(folder, need_vae=False)
+    g = torch.Generator().manual_seed(7)
+    x, ehs, t = torch.randn(2, 4, RES // 2, RES // 2, generator=g), torch.randn(2, 77, 32, generator=g), torch.tensor([3, 700])
+    ids = torch.tensor([[523, 5, 17, 99, 524] + [524] * 72])
+    with torch.no_grad():
+        a = res.base.unet.eval()(x, t, ehs).sample
+        b = merged.unet.eval()(x, t, ehs).sample
+        ta = res.base.text_encoders["text_encoder"].eval()(ids).last_hidden_state
+        tb = merged.text_encoders["text_encoder"].eval()(ids).last_hidden_state
+    assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
+    assert torch.allclose(ta, tb, atol=1e-4, rtol=1e-4), (ta - tb).abs().max()
 
 
 def test_lora_loads_in_diffusers(tmp_path, data):
@@ -273,12 +377,14 @@ def test_resume_continues_the_same_run(tmp_path, data):
 
     a = tmp_path / "a.safetensors"
     _train(data, a, algo="lora", rank=2, steps=4, save_every=2, save_state=True, lr_scheduler="linear",
-           lr_warmup_steps=1, min_snr_gamma=5.0, noise_offset=0.05, grad_accum=2, batch_size=1)
+           lr_warmup_steps=1, min_snr_gamma=5.0, noise_offset=0.05, grad_accum=2, batch_size=1,
+           shuffle_caption=True, caption_tag_dropout_rate=0.5)
     state = tmp_path / "a-step000002.state.pt"
     assert state.exists() and (tmp_path / "a-step000002.safetensors").exists()
     b = tmp_path / "b.safetensors"
     _train(data, b, algo="lora", rank=2, steps=4, save_state=False, lr_scheduler="linear", lr_warmup_steps=1,
-           min_snr_gamma=5.0, noise_offset=0.05, grad_accum=2, batch_size=1, resume=str(state))
+           min_snr_gamma=5.0, noise_offset=0.05, grad_accum=2, batch_size=1, resume=str(state),
+           shuffle_caption=True, caption_tag_dropout_rate=0.5)
     ta, tb = load_file(a), load_file(b)
     assert ta.keys() == tb.keys()
     for k in ta:
@@ -381,6 +487,8 @@ batch_size = 1
   [[datasets.subsets]]
   image_dir = "{data}"
   num_repeats = 3
+  keep_tokens = 1
+  caption_tag_dropout_rate = 0.25
 
   [[datasets.subsets]]
   image_dir = "reg"
@@ -392,7 +500,17 @@ batch_size = 1
     meta = open_source(out).metadata
     assert meta["ss_num_train_images"] == "12" and meta["ss_num_reg_images"] == "2"
     assert meta["ss_batch_size_per_device"] == "1" and meta["ss_resolution"] == f"({RES}, {RES})"
+    assert meta["ss_shuffle_caption"] == "True" and meta["ss_keep_tokens"] == "0"  # [general]; the subset's own below
     assert len(res.prior_losses) == 2
+    from lycotools.errors import BadInput
+    from lycotools.train.data import load_dataset_config
+
+    items, reg, settings, ignored = load_dataset_config(toml)
+    assert {it.caption_args == {"keep_tokens": 1, "tag_dropout_rate": 0.25} for it in items} == {True}
+    assert {it.caption_args for it in reg} == {None} and settings["shuffle_caption"] is True and not ignored
+    toml.write_text(toml.read_text().replace("keep_tokens = 1", "keep_tokens = -2"))
+    with pytest.raises(BadInput, match="keep_tokens -2 must be"):
+        load_dataset_config(toml)
 
 
 def test_sdxl_textual_inversion_and_v_prediction(tmp_path, data):
@@ -452,3 +570,178 @@ def test_cli_trains_lora(tmp_path, data):
     assert {src.dtype(k) for k in src.keys() if k.endswith(".alpha")} == {torch.float32}
     r = _cli(SD1, data.parent, "-o", out, "--steps", "1", "--resolution", RES, "-q")
     assert r.exit_code == 2 and "already exists" in r.output
+
+
+# ------------------------------------------------------------------------------------------------ captions, clip skip
+
+CAP = "thing, red, blue, green, small, round"
+
+
+def test_caption_processing_is_kohyas_and_seeded():
+    from lycotools.train.data import CaptionOptions, process_caption
+
+    tags = CAP.split(", ")
+
+    def draws(co, seed, n):
+        g = torch.Generator().manual_seed(seed)
+        return [process_caption(CAP, co, g) for _ in range(n)]
+
+    # keep-tokens alone changes nothing (kohya only splits when shuffling or dropping tags), and draws nothing
+    g = torch.Generator().manual_seed(0)
+    before = g.get_state()
+    assert process_caption(CAP, CaptionOptions(keep_tokens=2), g) == CAP and torch.equal(g.get_state(), before)
+    # shuffle after the first tag: fixed strings for seed 0, the first tag in front, every tag once
+    co = CaptionOptions(shuffle=True, keep_tokens=1)
+    outs = draws(co, 0, 240)
+    assert outs[:3] == ["thing, round, red, blue, small, green", "thing, small, round, red, blue, green",
+                        "thing, green, round, blue, small, red"]
+    assert all(o.split(", ")[0] == "thing" and sorted(o.split(", ")) == sorted(tags) for o in outs)
+    assert len(set(outs)) > 80  # of the 120 orders of the 5 free tags
+    assert draws(co, 0, 240) == outs and draws(co, 1, 240) != outs
+    # caption dropout: the whole caption or nothing, about 25 % empty
+    outs = draws(CaptionOptions(dropout_rate=0.25), 3, 2000)
+    assert set(outs) == {"", CAP} and 420 < outs.count("") < 580
+    # tag dropout after 2 kept tags: the prefix always stays, the rest keeps its order, about half survive
+    outs = draws(CaptionOptions(keep_tokens=2, tag_dropout_rate=0.5), 4, 1000)
+    survived = 0
+    for o in outs:
+        parts = o.split(", ")
+        assert parts[:2] == ["thing", "red"]
+        assert parts[2:] == [t for t in tags[2:] if t in parts[2:]]
+        survived += len(parts) - 2
+    assert 0.45 < survived / 4000 < 0.55
+    assert draws(CaptionOptions(keep_tokens=1, tag_dropout_rate=1.0), 0, 1) == ["thing"]
+    assert draws(CaptionOptions(dropout_rate=1.0, shuffle=True), 0, 1) == [""]
+    # all together, seeded: fixed strings
+    assert draws(CaptionOptions(shuffle=True, keep_tokens=2, tag_dropout_rate=0.5, dropout_rate=0.2), 5, 4) == [
+        "thing, red, small, green", "", "thing, red, round, green, blue, small", "thing, red, blue, green"]
+    # tags are stripped and re-joined with ", " as kohya does
+    g = torch.Generator().manual_seed(0)
+    assert process_caption(" a ,b,  c d ", CaptionOptions(keep_tokens=3, shuffle=True), g) == "a, b, c d"
+
+
+def test_caption_options_reach_training_and_metadata(tmp_path, monkeypatch):
+    from lycotools.train import trainer
+
+    d = _images(tmp_path / "data" / "1_x", n=2, caption=CAP)  # captions "thing, ..., round 0"
+    seen = []
+    call = trainer.TextConditioner.__call__
+
+    def spy(self, captions, device, size=None):
+        seen.append(list(captions))
+        return call(self, captions, device, size)
+
+    monkeypatch.setattr(trainer.TextConditioner, "__call__", spy)
+    kw = dict(algo="lora", rank=2, steps=6, shuffle_caption=True, keep_tokens=1, caption_dropout_rate=0.3,
+              caption_tag_dropout_rate=0.2, clip_skip=2, seed=1, train_text_encoder=True)
+    (tmp_path / "1").mkdir(), (tmp_path / "2").mkdir()
+    a, b = tmp_path / "1" / "x.safetensors", tmp_path / "2" / "x.safetensors"  # same name: same metadata
+    res = _train(d, a, **kw)
+    # clip skip 2 on the 2-layer encoder conditions on layer 0's output: only layer 0 gets adapters
+    te_modules = [t.module for t in res.network.targets if t.component == "text_encoder"]
+    assert len(te_modules) == 6 and all(".layers.0." in m for m in te_modules), te_modules
+    first = [c for batch in seen for c in batch]
+    assert len(first) == 12
+    assert 1 <= first.count("") <= 8
+    originals = [f"{CAP} {i}" for i in range(2)]
+    shuffled = 0
+    for c in first:
+        if not c:
+            continue
+        parts = c.split(", ")
+        src = next(o.split(", ") for o in originals if set(parts) <= set(o.split(", ")))
+        assert parts[0] == "thing"
+        shuffled += parts != [t for t in src if t in parts]
+    assert shuffled >= 3
+    meta = open_source(a).metadata
+    assert (meta["ss_shuffle_caption"], meta["ss_keep_tokens"], meta["ss_caption_dropout_rate"],
+            meta["ss_caption_tag_dropout_rate"], meta["ss_clip_skip"]) == ("True", "1", "0.3", "0.2", "2")
+    seen.clear()
+    _train(d, b, **kw)  # same seed: the same captions and the same bytes
+    assert [c for batch in seen for c in batch] == first and a.read_bytes() == b.read_bytes()
+    seen.clear()
+    _train(d, b, algo="lora", rank=2, steps=2, seed=1)  # off: captions as written, defaults recorded
+    assert {c for batch in seen for c in batch} <= set(originals)
+    meta = open_source(b).metadata
+    assert (meta["ss_shuffle_caption"], meta["ss_keep_tokens"], meta["ss_caption_dropout_rate"],
+            meta["ss_caption_tag_dropout_rate"], meta["ss_clip_skip"]) == ("False", "0", "0.0", "0.0", "None")
+
+
+def test_clip_skip_conditioning(tmp_path):
+    from lycotools.errors import BadInput
+    from lycotools.train.model import load_base
+    from lycotools.train.trainer import TextConditioner
+
+    base = load_base(SD1, need_vae=False)
+    te = base.text_encoders["text_encoder"]
+    caps = ["a photo of a thing, red", ""]
+    ids = base.tokenizers["text_encoder"](caps, padding="max_length", max_length=77, truncation=True,
+                                          return_tensors="pt").input_ids
+    with torch.no_grad():
+        hs = te(ids, output_hidden_states=True).hidden_states  # embeddings, layer 1, layer 2
+        ln = te.final_layer_norm
+        want = {k: F.layer_norm(hs[-k], ln.normalized_shape, ln.weight, ln.bias, ln.eps) for k in (1, 2)}
+        got = {k: TextConditioner(base, RES, clip_skip=k)(caps, "cpu")[0] for k in (1, 2)}
+        default = TextConditioner(base, RES)(caps, "cpu")[0]
+    assert torch.allclose(got[2], want[2], atol=1e-6) and torch.allclose(got[1], want[1], atol=1e-6)
+    assert torch.equal(got[1], default)
+    assert (got[2] - default).abs().max() > 0.1
+    with pytest.raises(BadInput, match="only 2 layers"):
+        TextConditioner(base, RES, clip_skip=3)
+    # SDXL: kohya ignores clip skip (penultimate layers of both encoders, always)
+    cfg = _sdxl_config_folder(tmp_path / "cfg")
+    xl = load_base(FIX / "sdxl/base.safetensors", str(cfg), need_vae=False)
+    cond = TextConditioner(xl, RES, clip_skip=2)
+    assert cond.clip_skip is None
+    with torch.no_grad():
+        assert torch.equal(cond(caps, "cpu")[0], TextConditioner(xl, RES)(caps, "cpu")[0])
+
+
+def test_place_keeps_trained_weights_float32():
+    from lycotools.train.trainer import place
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)).requires_grad_(False)
+    m[0].weight.requires_grad_(True)
+    w = m[0].weight.detach().clone()
+    place(m, "cpu", torch.bfloat16)
+    assert m[0].weight.dtype == torch.float32 and torch.equal(m[0].weight.detach(), w)  # no bf16 round trip
+    assert m[0].bias.dtype == m[1].weight.dtype == torch.bfloat16
+
+
+def test_cli_bad_new_options_exit_2(tmp_path, data):
+    out = tmp_path / "x.safetensors"
+    cases = [
+        (["--algo", "lora", "--tucker"], "--tucker"),
+        (["--algo", "full", "--tucker"], "--tucker"),
+        (["--algo", "locon", "--tucker", "--conv-rank", "0"], "--conv-rank"),
+        (["--algo", "full", "--dora"], "--dora"),
+        (["--keep-tokens", "-1"], "--keep-tokens -1"),
+        (["--caption-dropout-rate", "1.5"], "--caption-dropout-rate"),
+        (["--caption-tag-dropout-rate", "-0.1"], "--caption-tag-dropout-rate"),
+        (["--clip-skip", "0"], "--clip-skip"),
+        (["--clip-skip", "3", "--device", "cpu"], "only 2 layers"),
+    ]
+    for extra, msg in cases:
+        r = _cli(SD1, data.parent, "-o", out, "--steps", "1", "--resolution", RES, *extra)
+        assert r.exit_code == 2 and msg in r.output, (extra, r.output)
+        errors = [ln for ln in r.output.splitlines() if ln.startswith("lycotools: error:")]
+        assert len(errors) == 1, r.output
+    assert not out.exists()
+
+
+def test_full_targets_and_conv_rank_0():
+    """--algo full: the linears and convs of the blocks the adapters target; --conv-rank 0 leaves the k×k convs out.
+    Only the targets' own weights and biases require gradients."""
+    from lycotools.train.model import load_base
+    from lycotools.train.modules import inject
+
+    for conv_rank in (1, 0):
+        base = load_base(SD1, need_vae=False)
+        net = inject(base, "full", rank=8, alpha=8, conv_rank=conv_rank, train_text_encoder=True)
+        shapes = [tuple(t.layer.weight.shape) for t in net.targets]
+        kxk = sum(len(s) == 4 and s[2:] != (1, 1) for s in shapes)
+        assert (kxk > 10) if conv_rank else (kxk == 0), kxk
+        assert sum(t.component == "text_encoder" for t in net.targets) == 12
+        trainable = {id(p) for m in (base.unet, base.text_encoders["text_encoder"]) for p in m.parameters() if p.requires_grad}
+        assert trainable == {id(p) for t in net.targets for p in t.layer.parameters()}

@@ -11,15 +11,18 @@ from ..cli_common import common
 @click.argument("base")
 @click.argument("data")
 @click.option("-o", "--output", required=True, help="Output .safetensors (adapter, or embedding for --algo ti).")
-@click.option("--algo", type=click.Choice(["lora", "locon", "loha", "lokr", "adalora", "ti"]), default="lora",
-              show_default=True)
+@click.option("--algo", type=click.Choice(["lora", "locon", "loha", "lokr", "adalora", "full", "ti"]), default="lora",
+              show_default=True,
+              help="full: train the targeted layers' own weights and biases; writes a LyCORIS diff/diff_b file.")
 @click.option("--rank", type=int, default=8, show_default=True, help="Rank (network dim) of linear and 1x1 layers.")
 @click.option("--alpha", type=float, default=None, help="Alpha (scale = alpha / rank); default: the rank (scale 1).")
-@click.option("--conv-rank", type=int, default=None, help="Rank of 3x3 convs (default: --rank for locon/loha/lokr, 0 for lora).")
+@click.option("--conv-rank", type=int, default=None,
+              help="Rank of 3x3 convs (default: --rank for locon/loha/lokr, 0 for lora; for full, 0 leaves them out).")
 @click.option("--conv-alpha", type=float, default=None, help="Alpha of 3x3 convs.")
 @click.option("--factor", type=int, default=-1, show_default=True, help="LoKr factor (-1: balanced).")
 @click.option("--tucker/--no-tucker", default=False, show_default=True,
-              help="LoCon: Tucker-decomposed 3x3 convs (lora_mid); diffusers cannot load those files.")
+              help="LoCon/LoHa/LoKr: Tucker-decomposed 3x3 convs (lora_mid, hada_t1/t2, lokr_t2); "
+                   "diffusers cannot load those files.")
 @click.option("--dora", is_flag=True, help="DoRA: also train a per-row weight magnitude (dora_scale).")
 @click.option("--train-text-encoder", is_flag=True, help="Also adapt the text encoder(s).")
 @click.option("--train-unet/--no-train-unet", default=True, show_default=True)
@@ -34,6 +37,17 @@ from ..cli_common import common
 @click.option("--class-data", default=None, help="DreamBooth: folder of class (regularisation) images.")
 @click.option("--class-prompt", default=None, help="Caption of class images without a caption file.")
 @click.option("--prior-loss-weight", type=float, default=1.0, show_default=True)
+@click.option("--shuffle-caption", is_flag=True,
+              help="Shuffle the comma-separated tags of each caption every time it is used.")
+@click.option("--keep-tokens", type=int, default=0, show_default=True,
+              help="The first N tags stay in front, unshuffled and never dropped.")
+@click.option("--caption-dropout-rate", type=float, default=0.0, show_default=True,
+              help="Probability that a sample trains with an empty caption.")
+@click.option("--caption-tag-dropout-rate", type=float, default=0.0, show_default=True,
+              help="Probability that each tag (after --keep-tokens) is left out.")
+@click.option("--clip-skip", type=int, default=None,
+              help="Condition on the text encoder's hidden state N-1 layers before the last, through its final "
+                   "layer norm (SD1/SD2, as kohya/A1111; 2 is common for anime models). Ignored on SDXL, as kohya does.")
 @click.option("--steps", type=int, default=None, help="Optimizer steps (or give --epochs).")
 @click.option("--epochs", type=int, default=None)
 @click.option("--batch-size", type=int, default=1, show_default=True)
@@ -80,9 +94,11 @@ def command(base, data, output, debug, quiet, overwrite, **kw):
 
     DATA is a folder of images with same-name caption files (sub-folders N_name repeat their images N
     times), or a kohya dataset config (.toml: [[datasets]] / [[datasets.subsets]] with image_dir,
-    num_repeats, class_tokens, caption_extension, is_reg; its resolution, batch_size, enable_bucket and
-    bucket_reso_steps override the options). Writes OUT (kohya/LyCORIS adapter with ss_* and modelspec
-    metadata, or an embedding for --algo ti) and OUT_loss.csv.
+    num_repeats, class_tokens, caption_extension, is_reg, and the caption keys shuffle_caption,
+    keep_tokens, caption_dropout_rate, caption_tag_dropout_rate; its resolution, batch_size,
+    enable_bucket, bucket_reso_steps and caption keys override the options, a subset's caption keys
+    apply to that subset). Writes OUT (kohya/LyCORIS adapter with ss_* and modelspec metadata, a
+    LyCORIS full diff for --algo full, or an embedding for --algo ti) and OUT_loss.csv.
 
     \b
     Examples:
@@ -93,6 +109,9 @@ def command(base, data, output, debug, quiet, overwrite, **kw):
           --tinit 100 --tfinal 200 --delta-t 10 --steps 1000
       lycotools train sd15.safetensors dog/ -o dog.safetensors --class-data dogs/ --class-prompt "a dog" \\
           --prior-loss-weight 1 --steps 800
+      lycotools train sd15.safetensors tagged/ -o tags.safetensors --algo loha --tucker --shuffle-caption \\
+          --keep-tokens 1 --caption-tag-dropout-rate 0.1 --clip-skip 2 --steps 1000
+      lycotools train sd15.safetensors photos/ -o tuned_diff.safetensors --algo full --lr 1e-5 --steps 500
       lycotools train sd15.safetensors cat/ -o cat_emb.safetensors --algo ti --token "<my-cat>" \\
           --init-word cat --vectors 2 --lr 5e-3 --steps 2000
       accelerate launch -m lycotools.cli train sdxl.safetensors photos/ -o x.safetensors --mixed-precision bf16 --steps 2000

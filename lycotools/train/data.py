@@ -10,12 +10,15 @@
 * Latents are the VAE posterior mean × scaling factor, computed once before training; with
   ``cache_to_disk`` each image's latents are kept in ``<stem>.lycotools-latents-<res>.safetensors``
   (beside the image, or in ``cache_dir``) and reused while the image's size and mtime do not change.
+* Captions can be augmented each time a sample is drawn, as kohya's trainer does (``process_caption``):
+  caption dropout, then shuffling and tag dropout of the comma-separated tags after the first
+  ``keep_tokens``.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,6 +36,58 @@ class ImageItem:
     repeats: int = 1
     subset: str = ""
     size: tuple[int, int] | None = None  # (width, height) trained at; None: square resolution
+    caption_args: dict | None = None  # a dataset-config subset's own caption settings (CaptionOptions fields)
+
+
+@dataclass(frozen=True)
+class CaptionOptions:
+    """kohya's caption augmentation: ``shuffle_caption``, ``keep_tokens``, ``caption_dropout_rate``,
+    ``caption_tag_dropout_rate``."""
+
+    shuffle: bool = False
+    keep_tokens: int = 0
+    dropout_rate: float = 0.0
+    tag_dropout_rate: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.shuffle or self.dropout_rate > 0 or self.tag_dropout_rate > 0
+
+    def with_args(self, args: dict | None) -> "CaptionOptions":
+        return replace(self, **args) if args else self
+
+
+def check_caption_options(co: CaptionOptions, toml: bool = False) -> None:
+    """ValueError naming the option (``--keep-tokens``, or the TOML key ``keep_tokens``) for a bad value."""
+    def name(key):
+        return key if toml else "--" + key.replace("_", "-")
+
+    if isinstance(co.keep_tokens, bool) or not isinstance(co.keep_tokens, int) or co.keep_tokens < 0:
+        raise ValueError(f"{name('keep_tokens')} {co.keep_tokens!r} must be a whole number, 0 or more")
+    for key, v in (("caption_dropout_rate", co.dropout_rate), ("caption_tag_dropout_rate", co.tag_dropout_rate)):
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name(key)} {v} must be between 0 and 1")
+
+
+def process_caption(caption: str, co: CaptionOptions, g: torch.Generator) -> str:
+    """One draw of a sample's caption, in kohya's order: with probability ``dropout_rate`` the whole
+    caption becomes ""; otherwise, when shuffling or tag dropout is on, the caption is split at commas
+    (tags stripped), the first ``keep_tokens`` tags stay in front in order, the others are shuffled
+    (``shuffle``) and each then dropped with probability ``tag_dropout_rate``, and the tags are joined
+    with ", ". Random numbers come from ``g`` (CPU generator) and only for the steps that are on.
+    """
+    if co.dropout_rate > 0 and float(torch.rand((), generator=g)) < co.dropout_rate:
+        return ""
+    if not (co.shuffle or co.tag_dropout_rate > 0):
+        return caption
+    tags = [t.strip() for t in caption.strip().split(",")]
+    fixed, flex = tags[: co.keep_tokens], tags[co.keep_tokens:]
+    if co.shuffle:
+        flex = [flex[i] for i in torch.randperm(len(flex), generator=g).tolist()]
+    if co.tag_dropout_rate > 0:
+        keep = (torch.rand(len(flex), generator=g) >= co.tag_dropout_rate).tolist()
+        flex = [t for t, k in zip(flex, keep) if k]
+    return ", ".join(fixed + flex)
 
 
 def bucket_for(width: int, height: int, resolution: int, step: int = 64) -> tuple[int, int]:
@@ -183,12 +238,15 @@ def encode_latents(items: list[ImageItem], vae, resolution: int, *, device="cpu"
 
 
 class LatentDataset(torch.utils.data.Dataset):
-    """Items expanded by their repeats: (latents, caption)."""
+    """Items expanded by their repeats: (latents, caption); ``caption_args[i]``: the subset's own caption
+    settings of entry i (or None)."""
 
     def __init__(self, items: list[ImageItem], latents: list[torch.Tensor]):
         self.entries = []
+        self.caption_args: list[dict | None] = []
         for it, lat in zip(items, latents):
             self.entries += [(lat, it.caption)] * it.repeats
+            self.caption_args += [it.caption_args] * it.repeats
 
     def __len__(self):
         return len(self.entries)
@@ -212,8 +270,34 @@ def collate_any(batch):
 
 # ---------------------------------------------------------------------------------------------- TOML
 # kohya's dataset config (kohya.md §7): [general], [[datasets]], [[datasets.subsets]]. The keys read:
-_GENERAL_KEYS = {"resolution", "batch_size", "enable_bucket", "bucket_reso_steps", "caption_extension"}
-_SUBSET_KEYS = {"image_dir", "num_repeats", "class_tokens", "caption_extension", "is_reg"}
+_CAPTION_KEYS = {"shuffle_caption": "shuffle", "keep_tokens": "keep_tokens", "caption_dropout_rate": "dropout_rate",
+                 "caption_tag_dropout_rate": "tag_dropout_rate"}  # TOML key -> CaptionOptions field
+_GENERAL_KEYS = {"resolution", "batch_size", "enable_bucket", "bucket_reso_steps", "caption_extension", *_CAPTION_KEYS}
+_SUBSET_KEYS = {"image_dir", "num_repeats", "class_tokens", "caption_extension", "is_reg", *_CAPTION_KEYS}
+
+
+def caption_args(path, table: dict) -> dict | None:
+    """The caption keys of a dataset-config table as CaptionOptions fields (checked), or None when it sets none."""
+    args = {}
+    for key, field in _CAPTION_KEYS.items():
+        if key in table:
+            v = table[key]
+            if key == "shuffle_caption":
+                ok = isinstance(v, bool)
+            elif key == "keep_tokens":
+                ok = isinstance(v, int) and not isinstance(v, bool)
+            else:
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if not ok:
+                raise BadInput(path, f"{key} = {v!r} in the dataset config has the wrong type")
+            args[field] = float(v) if field.endswith("rate") else v
+    if not args:
+        return None
+    try:
+        check_caption_options(CaptionOptions(**args), toml=True)
+    except ValueError as e:
+        raise BadInput(path, f"dataset config: {e}") from None
+    return args
 
 
 def load_dataset_config(path) -> tuple[list[ImageItem], list[ImageItem], dict, list[str]]:
@@ -221,7 +305,9 @@ def load_dataset_config(path) -> tuple[list[ImageItem], list[ImageItem], dict, l
 
     ``image_dir`` is relative to the TOML file's folder; ``class_tokens`` captions images without a
     caption file; ``is_reg = true`` subsets are DreamBooth class images. Settings: resolution,
-    batch_size, enable_bucket, bucket_reso_steps, caption_extension (first dataset wins).
+    batch_size, enable_bucket, bucket_reso_steps, caption_extension, shuffle_caption, keep_tokens,
+    caption_dropout_rate, caption_tag_dropout_rate (first dataset wins); a subset's own caption keys
+    (the last four) apply to its images only.
     """
     import tomllib
 
@@ -262,7 +348,8 @@ def load_dataset_config(path) -> tuple[list[ImageItem], list[ImageItem], dict, l
                 raise BadInput(folder, "no images in this subset's image_dir")
             repeats = int(sub.get("num_repeats", 1))
             default = sub.get("class_tokens")
-            new = [ImageItem(p, _caption_for(p, ext, default), repeats, folder.name) for p in images]
+            cargs = caption_args(path, sub)
+            new = [ImageItem(p, _caption_for(p, ext, default), repeats, folder.name, caption_args=cargs) for p in images]
             (reg if sub.get("is_reg") else items).extend(new)
     if not items:
         raise BadInput(path, "the dataset config has only regularisation (is_reg) subsets")

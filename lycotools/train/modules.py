@@ -7,6 +7,12 @@ trainable factors, and a forward hook adds its output: ``y = W x + m·(adapter p
   which equals ``conv(x, scale · up @ down)`` exactly, i.e. the ΔW the file stores.
 * LoHa / LoKr: ΔW is built from the factors with ``lycotools.adapters.loha.delta`` / ``lokr.delta``
   (the same functions every reader of the saved file uses), in autograd, and applied as an extra weight.
+  With ``tucker`` a k×k conv (some kernel side ≠ 1, as LyCORIS decides) uses LyCORIS's Tucker layout:
+  LoHa ``hada_t1/t2`` (r, r, kh, kw) with ``hada_w?_a`` (r, out) and ``hada_w?_b`` (r, in); LoKr
+  ``lokr_t2`` with ``lokr_w2_a`` (r, b) and ``lokr_w2_b`` (r, d) (only when W2 is factored at all).
+* Full (``algo=full``): no adapter layer: the target layer's own weight and bias train (float32 masters
+  under mixed precision) and the file stores ``diff = W − W_base``, ``diff_b = b − b_base``, with
+  W_base read back from the checkpoint when saving (lycoris.md §2.10).
 * AdaLoRA: the SVD form ``P · diag(E) · Q · alpha / R`` (R = initial rank); saved as plain LoRA with
   the kept triplets: ``up = P·diag(E)``, ``down = Q``, ``alpha = r_k · alpha / R`` (ΔW unchanged).
 
@@ -19,6 +25,7 @@ as here anyway.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +36,7 @@ from ..adapters import loha as loha_math
 from ..adapters import lokr as lokr_math
 from ..adapters import lora as lora_math
 from ..adapters.base import EPS
+from ..errors import BadInput
 from ..layouts.adapter_keys import kohya_module_name
 
 ATTR = "lycotools_adapter"
@@ -151,33 +159,48 @@ class LoHaLayer(_FactoredLayer):
     algo = "loha"
     algo_math = loha_math
 
-    def __init__(self, layer, rank: int, alpha: float):
+    def __init__(self, layer, rank: int, alpha: float, tucker: bool = False):
         super().__init__(layer)
         self.rank, self.alpha = rank, float(alpha)
         self.scale = self.alpha / rank
         o, K = self.out_features, self.K
+        self.tucker = tucker and self.is_conv and any(k != 1 for k in self.kernel)
+        if self.tucker:  # LyCORIS's init: cores and w1_a N(0, 0.1), w?_b N(0, 1), w2_a 0 (ΔW starts at 0)
+            i = self.in_features
+            self.hada_t1 = nn.Parameter(torch.randn(rank, rank, *self.kernel) * 0.1)
+            self.hada_w1_a = nn.Parameter(torch.randn(rank, o) * 0.1)
+            self.hada_w1_b = nn.Parameter(torch.randn(rank, i))
+            self.hada_t2 = nn.Parameter(torch.randn(rank, rank, *self.kernel) * 0.1)
+            self.hada_w2_a = nn.Parameter(torch.zeros(rank, o))
+            self.hada_w2_b = nn.Parameter(torch.randn(rank, i))
+            return
         self.hada_w1_a = nn.Parameter(torch.randn(o, rank) * 0.1)
         self.hada_w1_b = nn.Parameter(torch.randn(rank, K))
         self.hada_w2_a = nn.Parameter(torch.zeros(o, rank))
         self.hada_w2_b = nn.Parameter(torch.randn(rank, K))
 
     def factors(self):
-        return {"hada_w1_a": self.hada_w1_a, "hada_w1_b": self.hada_w1_b,
-                "hada_w2_a": self.hada_w2_a, "hada_w2_b": self.hada_w2_b}
+        f = {"hada_w1_a": self.hada_w1_a, "hada_w1_b": self.hada_w1_b,
+             "hada_w2_a": self.hada_w2_a, "hada_w2_b": self.hada_w2_b}
+        if self.tucker:
+            f["hada_t1"], f["hada_t2"] = self.hada_t1, self.hada_t2
+        return f
 
     def tensors(self):
         t = {k: v.detach().float().cpu().contiguous() for k, v in self.factors().items()}
-        return {**loha_math.to_tensors(t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"], self.alpha),
+        return {**loha_math.to_tensors(t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"], self.alpha,
+                                       t.get("hada_t1"), t.get("hada_t2")),
                 **self.dora_tensors()}
 
 
 class LoKrLayer(_FactoredLayer):
-    """W1 (a, c) full; W2 (b, d·k) full when rank >= max(b, d)/2 (then scale 1, as LyCORIS), else w2_a @ w2_b."""
+    """W1 (a, c) full; W2 (b, d·k) full when rank >= max(b, d)/2 (then scale 1, as LyCORIS), else w2_a @ w2_b,
+    or with ``tucker`` on a k×k conv the core lokr_t2 (r, r, kh, kw) between w2_a (r, b) and w2_b (r, d)."""
 
     algo = "lokr"
     algo_math = lokr_math
 
-    def __init__(self, layer, rank: int, alpha: float, factor: int = -1):
+    def __init__(self, layer, rank: int, alpha: float, factor: int = -1, tucker: bool = False):
         super().__init__(layer)
         a, b = lokr_math.factorization(self.out_features, factor)
         c, d = lokr_math.factorization(self.in_features, factor)
@@ -186,10 +209,19 @@ class LoKrLayer(_FactoredLayer):
         self.lokr_w1 = nn.Parameter(torch.empty(a, c))
         nn.init.kaiming_uniform_(self.lokr_w1, a=math.sqrt(5))
         self.full_w2 = rank >= max(b, d) / 2
+        self.tucker = tucker and not self.full_w2 and self.is_conv and any(k != 1 for k in self.kernel)
         if self.full_w2:
             self.rank = None
             self.scale = 1.0
             self.lokr_w2 = nn.Parameter(torch.zeros(b, d, *self.kernel))
+        elif self.tucker:  # LyCORIS's init: core and w2_a Kaiming, w2_b 0 (ΔW starts at 0)
+            self.rank = rank
+            self.scale = self.alpha / rank
+            self.lokr_t2 = nn.Parameter(torch.empty(rank, rank, *self.kernel))
+            nn.init.kaiming_uniform_(self.lokr_t2, a=math.sqrt(5))
+            self.lokr_w2_a = nn.Parameter(torch.empty(rank, b))
+            nn.init.kaiming_uniform_(self.lokr_w2_a, a=math.sqrt(5))
+            self.lokr_w2_b = nn.Parameter(torch.zeros(rank, d))
         else:
             self.rank = rank
             self.scale = self.alpha / rank
@@ -200,13 +232,50 @@ class LoKrLayer(_FactoredLayer):
     def factors(self):
         if self.full_w2:
             return {"lokr_w1": self.lokr_w1, "lokr_w2": self.lokr_w2}
-        return {"lokr_w1": self.lokr_w1, "lokr_w2_a": self.lokr_w2_a, "lokr_w2_b": self.lokr_w2_b}
+        f = {"lokr_w1": self.lokr_w1, "lokr_w2_a": self.lokr_w2_a, "lokr_w2_b": self.lokr_w2_b}
+        if self.tucker:
+            f["lokr_t2"] = self.lokr_t2
+        return f
 
     def tensors(self):
         t = {k: v.detach().float().cpu().contiguous() for k, v in self.factors().items()}
         w2 = t["lokr_w2"] if self.full_w2 else (t["lokr_w2_a"], t["lokr_w2_b"])
         # both blocks full: LyCORIS forces alpha = dim, so store the network dim (scale is 1 either way)
-        return {**lokr_math.to_tensors(t["lokr_w1"], w2, self.alpha), **self.dora_tensors()}
+        return {**lokr_math.to_tensors(t["lokr_w1"], w2, self.alpha, t2=t.get("lokr_t2")), **self.dora_tensors()}
+
+
+class FullLayer(nn.Module):
+    """algo=full: the target layer's own weight (and bias) train in place, so the forward costs nothing
+    extra and nothing but those parameters gets gradients. ``tensors()`` reads the base weights back from
+    the checkpoint (``source``: view, component, weight key, bias key or None) and stores the float32
+    difference: merging the file gives back the trained weights."""
+
+    algo = "full"
+    dora = False
+
+    def __init__(self, layer: nn.Module, source: tuple):
+        super().__init__()
+        for p in layer.parameters(recurse=False):
+            p.data = p.data.clone()  # never share storage with a tensor the checkpoint reader may hand out again
+            p.requires_grad_(True)
+        self.layer = layer  # a child: parameters() and state_dict() (resume) are the trained weights
+        self.source = source
+        self.multiplier = 1.0
+
+    def _base(self, key, like):
+        view, comp = self.source[:2]
+        return view.get(comp, key).float().reshape(like.shape)
+
+    def delta(self):
+        w = self.layer.weight.detach().float().cpu()
+        return w - self._base(self.source[2], w)
+
+    def tensors(self):
+        out = {"diff": self.delta().contiguous()}
+        if self.source[3] is not None and self.layer.bias is not None:
+            b = self.layer.bias.detach().float().cpu()
+            out["diff_b"] = (b - self._base(self.source[3], b)).contiguous()
+        return out
 
 
 class AdaLoRALayer(AdapterLayer):
@@ -260,7 +329,8 @@ class AdaLoRALayer(AdapterLayer):
         return lora_math.to_tensors(up, down, r_k * self.alpha / self.rank)
 
 
-LAYERS = {"lora": LoRALayer, "locon": LoRALayer, "loha": LoHaLayer, "lokr": LoKrLayer, "adalora": AdaLoRALayer}
+LAYERS = {"lora": LoRALayer, "locon": LoRALayer, "loha": LoHaLayer, "lokr": LoKrLayer, "adalora": AdaLoRALayer,
+          "full": FullLayer}
 
 
 def _hook(module, args, output):
@@ -283,6 +353,7 @@ class Target:
 UNET_ATTN_CLASSES = ("Transformer2DModel",)
 UNET_CONV_CLASSES = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TE_CLASSES = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
+_TE_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")  # a text-encoder module's layer index
 
 
 def _walk(model: nn.Module, classes: tuple[str, ...]):
@@ -327,28 +398,35 @@ class Network(nn.Module):
 
     def remove(self):
         for t in self.targets:
+            if getattr(t, "handle", None) is None:  # algo=full: nothing attached
+                continue
             t.handle.remove()  # type: ignore[attr-defined]
             delattr(t.layer, ATTR)
 
 
 def inject(base, algo: str, *, rank: int, alpha: float, conv_rank: int = 0, conv_alpha: float | None = None,
            factor: int = -1, train_unet: bool = True, train_text_encoder: bool = False, dora: bool = False,
-           tucker: bool = False) -> Network:
+           tucker: bool = False, te_unused_layers: int = 0) -> Network:
     """Attach adapter layers to the UNet (transformer blocks; ResNet/resampler convs when conv_rank > 0)
-    and, with ``train_text_encoder``, to the text encoders' attention and MLP linears."""
+    and, with ``train_text_encoder``, to the text encoders' attention and MLP linears. ``algo="full"``
+    makes the same layers' own weights and biases trainable instead (rank and alpha unused; k×k convs
+    when conv_rank > 0). ``te_unused_layers`` N: the text encoders' last N layers, which clip skip leaves
+    out of the conditioning, get nothing (they could not train)."""
     cls = LAYERS[algo]
     conv_alpha = alpha if conv_alpha is None else conv_alpha
     net = Network()
 
-    def make(layer):
+    def make(layer, comp, path):
         k = tuple(layer.weight.shape[2:])
         is_kxk = isinstance(layer, nn.Conv2d) and any(s != 1 for s in k)
         r, a = (conv_rank, conv_alpha) if is_kxk else (rank, alpha)
+        if cls is FullLayer:  # no rank: every linear, k×k convs unless conv_rank is 0
+            return None if is_kxk and conv_rank <= 0 else cls(layer, _base_source(base, comp, path, layer))
         if r <= 0:
             return None
         if cls is LoKrLayer:
-            return cls(layer, r, a, factor)
-        if cls is LoRALayer:
+            return cls(layer, r, a, factor, tucker)
+        if cls in (LoRALayer, LoHaLayer):
             return cls(layer, r, a, tucker)
         return cls(layer, r, a)
 
@@ -359,8 +437,12 @@ def inject(base, algo: str, *, rank: int, alpha: float, conv_rank: int = 0, conv
     if train_text_encoder:
         comps += [(c, base.text_encoders[c], TE_CLASSES) for c in base.te_names]
     for comp, model, classes in comps:
+        n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
         for path, layer in _walk(model, classes):
-            ad = make(layer)
+            m = _TE_LAYER.search(path) if comp != "unet" and te_unused_layers and n_layers else None
+            if m and int(m.group(1)) >= n_layers - te_unused_layers:
+                continue
+            ad = make(layer, comp, path)
             if ad is None:
                 continue
             if dora:
@@ -371,8 +453,28 @@ def inject(base, algo: str, *, rank: int, alpha: float, conv_rank: int = 0, conv
                                          base.view.ldm_module("unet", path) if base.arch.startswith("sdxl") else None)
             else:
                 name = kohya_module_name(base.arch, comp, path)
-            layer.add_module(ATTR, ad)
             t = Target(comp, path, name, layer, ad)
-            t.handle = layer.register_forward_hook(_hook)  # type: ignore[attr-defined]
+            if cls is not FullLayer:
+                layer.add_module(ATTR, ad)
+                t.handle = layer.register_forward_hook(_hook)  # type: ignore[attr-defined]
             net.add(t)
     return net
+
+
+def _base_source(base, comp: str, path: str, layer: nn.Module) -> tuple:
+    """(view, component, weight key, bias key or None) of a layer's base weights in the checkpoint view
+    (text-encoder keys with or without transformers' ``text_model.`` level)."""
+    view = base.view
+
+    def find(suffix):
+        for key in (f"{path}.{suffix}", f"text_model.{path}.{suffix}",
+                    f"{path[len('text_model.'):]}.{suffix}" if path.startswith("text_model.") else None):
+            if key is not None and (comp, key) in view:
+                return key
+        return None
+
+    wkey = find("weight")
+    bkey = find("bias") if layer.bias is not None else None
+    if wkey is None or (layer.bias is not None and bkey is None):
+        raise BadInput(base.path, f"{comp}: no base weights for {path} in the checkpoint (needed for --algo full)")
+    return view, comp, wkey, bkey

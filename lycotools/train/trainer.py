@@ -1,11 +1,12 @@
-"""The training loop of ``lycotools train``: adapters (LoRA/LoCon/LoHa/LoKr/AdaLoRA), DreamBooth prior
-preservation and textual inversion on a local SD1/SD2/SDXL checkpoint.
+"""The training loop of ``lycotools train``: adapters (LoRA/LoCon/LoHa/LoKr/AdaLoRA), full weights (a LyCORIS
+``full`` diff file), DreamBooth prior preservation and textual inversion on a local SD1/SD2/SDXL checkpoint.
 
 Device placement, mixed precision, gradient accumulation and multi-GPU data parallelism go through
 ``accelerate.Accelerator`` (so ``accelerate launch -m lycotools.cli train ...`` works); on one CPU or GPU
 it runs as a plain loop. Noise, timesteps and data order come from CPU generators seeded with
 ``--seed`` (+ the process index), so a CPU run is deterministic and ``--resume`` continues the same
-sequence.
+sequence. Caption augmentation (kohya's shuffle / keep-tokens / caption and tag dropout) draws from its
+own seeded generator, only when enabled.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from . import data as data_mod
 from .model import load_base
 from .modules import inject
 
-ALGOS = ("lora", "locon", "loha", "lokr", "adalora", "ti")
-LYCORIS_ALGOS = ("loha", "lokr")
+ALGOS = ("lora", "locon", "loha", "lokr", "adalora", "full", "ti")
+LYCORIS_ALGOS = ("loha", "lokr", "full")
+TUCKER_ALGOS = ("locon", "loha", "lokr")
 
 
 @dataclass
@@ -59,6 +61,11 @@ class TrainOptions:
     class_data: str | None = None
     class_prompt: str | None = None
     prior_loss_weight: float = 1.0
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    caption_dropout_rate: float = 0.0
+    caption_tag_dropout_rate: float = 0.0
+    clip_skip: int | None = None
     # schedule
     steps: int | None = None
     epochs: int | None = None
@@ -134,10 +141,22 @@ def _check(opts: TrainOptions):
     elif opts.algo == "adalora":
         if not 0 < opts.target_rank <= opts.init_rank:
             raise BadInput(None, f"--target-rank ({opts.target_rank}) must be in 1..--init-rank ({opts.init_rank})")
-    elif opts.rank < 1:
+    elif opts.rank < 1 and opts.algo != "full":
         raise BadInput(None, "--rank must be at least 1")
-    if opts.tucker and opts.algo != "locon":
-        raise BadInput(None, "--tucker is implemented for --algo locon (3x3 convs) only")
+    if opts.tucker:
+        if opts.algo not in TUCKER_ALGOS:
+            raise BadInput(None, f"--tucker decomposes the 3x3 convs of --algo locon, loha or lokr; "
+                                 f"it means nothing for {opts.algo}")
+        if opts.conv_rank is not None and opts.conv_rank < 1:
+            raise BadInput(None, "--tucker needs adapted 3x3 convs, but --conv-rank is 0")
+    if opts.conv_rank is not None and opts.conv_rank < 0:
+        raise BadInput(None, f"--conv-rank {opts.conv_rank} must be 0 (no 3x3 convs) or more")
+    try:
+        data_mod.check_caption_options(caption_options(opts))
+    except ValueError as e:
+        raise BadInput(None, str(e)) from None
+    if opts.clip_skip is not None and opts.clip_skip < 1:
+        raise BadInput(None, f"--clip-skip {opts.clip_skip} must be at least 1 (1 = the last layer, 2 = the one before)")
     if opts.dora and opts.algo not in ("lora", "locon", "loha", "lokr"):
         raise BadInput(None, f"--dora works with lora, locon, loha and lokr, not {opts.algo}")
     if not opts.train_unet and not opts.train_text_encoder and opts.algo != "ti":
@@ -152,6 +171,16 @@ def _check(opts: TrainOptions):
                            hint="pip install bitsandbytes, or use --optimizer adamw")
     if opts.save_precision not in _DTYPES:
         raise BadInput(None, f"--save-precision {opts.save_precision}: expected fp32, fp16 or bf16")
+
+
+_CAPTION_FIELDS = {"shuffle": "shuffle_caption", "keep_tokens": "keep_tokens", "dropout_rate": "caption_dropout_rate",
+                   "tag_dropout_rate": "caption_tag_dropout_rate"}  # CaptionOptions field -> TrainOptions field
+
+
+def caption_options(opts: TrainOptions) -> "data_mod.CaptionOptions":
+    return data_mod.CaptionOptions(shuffle=bool(opts.shuffle_caption), keep_tokens=opts.keep_tokens,
+                                   dropout_rate=float(opts.caption_dropout_rate),
+                                   tag_dropout_rate=float(opts.caption_tag_dropout_rate))
 
 
 def _make_optimizer(name: str, groups, lr: float, weight_decay: float):
@@ -173,13 +202,23 @@ def _make_optimizer(name: str, groups, lr: float, weight_decay: float):
 # ---------------------------------------------------------------------------------------------- text
 
 class TextConditioner:
-    """Captions -> (encoder_hidden_states, added_cond_kwargs or None) for the base's architecture."""
+    """Captions -> (encoder_hidden_states, added_cond_kwargs or None) for the base's architecture.
 
-    def __init__(self, base, resolution: int):
+    ``clip_skip`` N >= 2 (SD1/SD2, as kohya and A1111): the hidden state N−1 layers before the last,
+    through the encoder's final layer norm. SDXL always takes the penultimate layer of both encoders
+    without that norm, and kohya ignores clip skip there (so does this class: ``clip_skip`` is None).
+    """
+
+    def __init__(self, base, resolution: int, clip_skip: int | None = None):
         self.base, self.res = base, resolution
         if base.arch == "sdxl-refiner":
             raise BadInput(base.path, "training on the SDXL refiner is not supported")
         self.replace: tuple[str, str] | None = None
+        self.clip_skip = clip_skip if clip_skip and clip_skip > 1 and base.arch != "sdxl" else None
+        if self.clip_skip:
+            layers = _unwrap(base.text_encoders["text_encoder"]).config.num_hidden_layers
+            if self.clip_skip > layers:
+                raise BadInput(None, f"--clip-skip {clip_skip}: the text encoder has only {layers} layers")
 
     def tokens(self, comp, captions, device):
         tok = self.base.tokenizers[comp]
@@ -209,8 +248,22 @@ class TextConditioner:
             tid = torch.tensor([h, w, 0, 0, h, w], device=device, dtype=ehs.dtype)
             return ehs, {"text_embeds": o2.text_embeds, "time_ids": tid.repeat(n, 1)}
         te = b.text_encoders["text_encoder"]
-        out = te(self.tokens("text_encoder", captions, device))
+        ids = self.tokens("text_encoder", captions, device)
+        if self.clip_skip:
+            h = te(ids, output_hidden_states=True).hidden_states[-self.clip_skip]
+            return final_layer_norm(te)(h), None
+        out = te(ids)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0], None
+
+
+def _unwrap(m):
+    return getattr(m, "module", m)  # DistributedDataParallel and the like
+
+
+def final_layer_norm(te):
+    """The CLIP text encoder's last LayerNorm (``CLIPTextModel`` has no ``text_model`` level in transformers 5)."""
+    m = _unwrap(te)
+    return getattr(m, "text_model", m).final_layer_norm
 
 
 # ---------------------------------------------------------------------------------------------- TI
@@ -281,6 +334,17 @@ class TextualInversion:
 
 # ---------------------------------------------------------------------------------------------- loop
 
+def place(m: torch.nn.Module, device, dtype) -> None:
+    """Move ``m`` to ``device`` with its frozen weights in ``dtype``; parameters that train (``--algo full``
+    weights, TI embeddings) keep their own (float32) values, never rounded through ``dtype``."""
+    keep = [(p, p.data) for p in m.parameters() if p.requires_grad]
+    cur = next(m.parameters()).dtype
+    m.to(device=device) if cur == dtype else m.to(device=device, dtype=dtype)
+    for p, d in keep:
+        if p.dtype != d.dtype:
+            p.data = d.to(device)
+
+
 def _snr(alphas_cumprod, t):
     a = alphas_cumprod.to(t.device)[t]
     return a / (1 - a)
@@ -300,7 +364,9 @@ def _metadata(opts, base, output, info) -> dict:
         args = {}
         if lyco:
             args["algo"] = algo
-        if info["conv_rank"]:
+        if algo == "full":  # no rank: dim/alpha 0 as lycotools extract writes full files
+            dim = alpha = 0
+        elif info["conv_rank"]:
             args["conv_dim"], args["conv_alpha"] = str(info["conv_rank"]), str(info["conv_alpha"])
         if algo == "lokr":
             args["factor"] = str(opts.factor)
@@ -346,6 +412,11 @@ def _metadata(opts, base, output, info) -> dict:
         "ss_bucket_info": json.dumps(info["bucket_info"]) if opts.enable_bucket else "None",
         "ss_cache_latents": "True",
         "ss_caption_extension": opts.caption_ext,
+        "ss_shuffle_caption": str(bool(opts.shuffle_caption)),
+        "ss_keep_tokens": str(opts.keep_tokens),
+        "ss_caption_dropout_rate": str(float(opts.caption_dropout_rate)),
+        "ss_caption_tag_dropout_rate": str(float(opts.caption_tag_dropout_rate)),
+        "ss_clip_skip": str(info["clip_skip"]),
         "ss_noise_offset": str(opts.noise_offset or None),
         "ss_min_snr_gamma": str(opts.min_snr_gamma),
         "ss_prior_loss_weight": str(opts.prior_loss_weight),
@@ -411,6 +482,8 @@ def train(base_path, data_dir, output, opts: TrainOptions, *, overwrite=False, q
         opts.batch_size = int(settings.get("batch_size", opts.batch_size))
         opts.enable_bucket = bool(settings.get("enable_bucket", opts.enable_bucket))
         opts.bucket_step = int(settings.get("bucket_reso_steps", opts.bucket_step))
+        for name, value in (data_mod.caption_args(data_dir, settings) or {}).items():
+            setattr(opts, _CAPTION_FIELDS[name], value)
         _check(opts)
         if ignored and not quiet:
             print(f"lycotools: warning: dataset config keys not supported, ignored: {', '.join(ignored)}", file=sys.stderr)
@@ -432,6 +505,14 @@ def train(base_path, data_dir, output, opts: TrainOptions, *, overwrite=False, q
     device = acc.device
     torch.manual_seed(opts.seed)
     base = load_base(base_path, opts.config_dir, v_pred=opts.v_pred)
+    if opts.clip_skip and opts.clip_skip > 1 and not quiet and acc.is_main_process:
+        if base.arch == "sdxl":
+            print("lycotools: warning: --clip-skip has no effect on SDXL (it always conditions on the penultimate "
+                  "layers, as kohya does); ignored", file=sys.stderr)
+        elif base.arch == "sd2":
+            print("lycotools: warning: --clip-skip on SD2 (whose text encoder already ends at OpenCLIP's penultimate "
+                  "layer) skips further layers; kohya warns about the same", file=sys.stderr)
+    cond = TextConditioner(base, opts.resolution, opts.clip_skip)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
 
     # ---- latents (cached once, then the VAE leaves the device)
@@ -471,10 +552,12 @@ def train(base_path, data_dir, output, opts: TrainOptions, *, overwrite=False, q
         conv_alpha = float(opts.conv_alpha) if opts.conv_alpha is not None else (alpha if conv_rank == rank else float(conv_rank))
         if opts.algo == "adalora":
             conv_rank = 0
+        if opts.algo == "full":  # no rank: 3x3 convs train unless --conv-rank 0
+            conv_rank = 0 if opts.conv_rank == 0 else 1
         info_alpha = alpha
         net = inject(base, opts.algo, rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
                      factor=opts.factor, train_unet=opts.train_unet, train_text_encoder=opts.train_text_encoder,
-                     dora=opts.dora, tucker=opts.tucker)
+                     dora=opts.dora, tucker=opts.tucker, te_unused_layers=(cond.clip_skip or 1) - 1)
         if not net.targets:
             raise BadInput(base_path, "no layers to adapt were found in this model")
         unet_p = [p for t in net.targets if t.component == "unet" for p in t.adapter.parameters()]
@@ -519,13 +602,9 @@ def train(base_path, data_dir, output, opts: TrainOptions, *, overwrite=False, q
 
     # ---- placement and precision: frozen weights in the compute dtype, trainable factors in fp32
     te_trains = opts.algo == "ti" or opts.train_text_encoder
-    def place(m, dtype):
-        cur = next(m.parameters()).dtype
-        m.to(device=device) if cur == dtype else m.to(device=device, dtype=dtype)
-
-    place(base.unet, weight_dtype)
+    place(base.unet, device, weight_dtype)
     for comp, te in base.text_encoders.items():
-        place(te, torch.float32 if opts.algo == "ti" else weight_dtype)
+        place(te, device, torch.float32 if opts.algo == "ti" else weight_dtype)
     if net is not None:
         net.to(device=device, dtype=torch.float32)
     if opts.gradient_checkpointing:
@@ -552,7 +631,6 @@ def train(base_path, data_dir, output, opts: TrainOptions, *, overwrite=False, q
     if "unet" not in prepared:
         unet_call = base.unet
     optimizer, lr_sched = out[len(prepared):]
-    cond = TextConditioner(base, opts.resolution)
     if ti is not None:
         cond.replace = (opts.token, " ".join(ti.tokens))
 
@@ -563,6 +641,7 @@ def train(base_path, data_dir, output, opts: TrainOptions, *, overwrite=False, q
     # ---- resume
     step = 0
     g_noise = torch.Generator().manual_seed(opts.seed * 1000 + 2 + acc.process_index)
+    g_cap = torch.Generator().manual_seed(opts.seed * 1000 + 500 + acc.process_index)  # caption augmentation only
     if opts.resume:
         st = torch.load(opts.resume, map_location="cpu", weights_only=True)
         if st.get("algo") != opts.algo:
@@ -580,6 +659,8 @@ def train(base_path, data_dir, output, opts: TrainOptions, *, overwrite=False, q
             allocator.load_state_dict(st["allocator"])
         step = int(st["step"])
         g_noise.set_state(st["g_noise"])
+        if "g_cap" in st:
+            g_cap.set_state(st["g_cap"])
 
     log_path = Path(opts.loss_log) if opts.loss_log else output.with_name(
         (output.name[: -len(".safetensors")] if output.name.endswith(".safetensors") else output.name) + "_loss.csv")
@@ -587,7 +668,7 @@ def train(base_path, data_dir, output, opts: TrainOptions, *, overwrite=False, q
             "started": time.time(), "num_images": len(ds), "num_reg": len(cds) if cds else 0,
             "batches_per_epoch": batches_per_epoch, "epochs": epochs, "epoch": 0, "step": step, "total": total,
             "world": world, "optimizer": opt_name, "alpha": info_alpha, "conv_rank": conv_rank, "conv_alpha": conv_alpha,
-            "data": str(data_dir)}
+            "data": str(data_dir), "clip_skip": None if base.arch == "sdxl" else opts.clip_skip}  # SDXL: ignored
     info["dataset_dirs"], info["tag_frequency"] = _dataset_info(items, data_dir)
     buckets: dict = {}
     for it in items:
@@ -612,7 +693,7 @@ def train(base_path, data_dir, output, opts: TrainOptions, *, overwrite=False, q
         save_tensors(path, tensors, meta, inputs=[base_path], overwrite=True)
         if opts.save_state:
             st = {"algo": opts.algo, "step": step, "optimizer": optimizer.state_dict(),
-                  "lr_scheduler": lr_sched.state_dict(), "g_noise": g_noise.get_state(),
+                  "lr_scheduler": lr_sched.state_dict(), "g_noise": g_noise.get_state(), "g_cap": g_cap.get_state(),
                   "network": net.state_dict() if net is not None else {},
                   "ti": ti.state() if ti is not None else {},
                   "allocator": allocator.state_dict() if allocator is not None else {}}
@@ -643,6 +724,13 @@ def train(base_path, data_dir, output, opts: TrainOptions, *, overwrite=False, q
     acc_loss, acc_prior, n_micro = 0.0, 0.0, 0
     train_models = [m for m in [unet_call] if "unet" in prepared] + [base.text_encoders[c] for c in base.te_names if c in prepared]
     c_gen = torch.Generator().manual_seed(opts.seed * 1000 + 3)
+    run_captions = caption_options(opts)
+
+    def sample(d, i):
+        """Entry i of dataset d with its caption augmented (kohya's shuffle / keep-tokens / dropout)."""
+        lat, cap = d[i]
+        co = run_captions.with_args(d.caption_args[i])
+        return lat, (data_mod.process_caption(cap, co, g_cap) if co.active else cap)
 
     def _sample_losses(lat, caps):
         """Per-sample (min-SNR-weighted) diffusion loss of one batch of latents and captions."""
@@ -667,12 +755,12 @@ def train(base_path, data_dir, output, opts: TrainOptions, *, overwrite=False, q
         while step < total:
             epoch, idx = next(gen)
             info["epoch"] = epoch + 1
-            lat, caps = data_mod.collate([ds[i] for i in idx])
+            lat, caps = data_mod.collate([sample(ds, i) for i in idx])
             n_inst = lat.shape[0]
             parts = [(lat, caps)]
             if cds is not None:
                 cidx = torch.randint(0, len(cds), (n_inst,), generator=c_gen).tolist()
-                clat, ccaps = data_mod.collate_any([cds[i] for i in cidx])
+                clat, ccaps = data_mod.collate_any([sample(cds, i) for i in cidx])
                 if clat.shape[1:] == lat.shape[1:]:
                     parts = [(torch.cat([lat, clat]), caps + ccaps)]
                 else:  # other buckets: a second forward pass
