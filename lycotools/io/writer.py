@@ -31,6 +31,7 @@ from .safetensors_format import dtype_name, header_bytes, serial_order
 HASH_PLACEHOLDER = "0x" + "0" * 64
 LEGACY_PLACEHOLDER = "0" * 8
 _LEGACY_START, _LEGACY_LEN = 0x100000, 0x10000
+_INFLIGHT_BYTES = 256 << 20  # planned mode: tensor bytes handed to the writer/hasher threads, not yet done
 _DIRECT_MIN = 64 << 20  # outputs at least this big bypass the page cache (see _DirectSink)
 
 
@@ -240,13 +241,16 @@ class SafetensorsWriter:
             self._fh.write(struct.pack("<Q", len(head)))
             self._fh.write(head)
         # writing and hashing each run in a thread of their own, overlapping each other and the
-        # caller's reading and math (both release the GIL on big buffers); the bounded queues keep
-        # at most a few tensors in flight
+        # caller's reading and math (both release the GIL on big buffers). What is in flight is
+        # bounded in bytes, not tensors: the caller can then run ahead through stretches of cheap
+        # tensors (a VAE copied unchanged) while the hasher catches up during the costly ones.
         self._error: BaseException | None = None
+        self._inflight = 0
+        self._budget = threading.Condition()
         for name, step in (("writer", self._write_step), ("hasher", self._hash_step)):
             if step == self._hash_step and not self.hashes:
                 continue
-            q: queue.Queue = queue.Queue(maxsize=4)
+            q: queue.Queue = queue.Queue()
             t = threading.Thread(target=self._drain, args=(q, step), name=f"lycotools-{name}", daemon=True)
             self._queues.append(q)
             self._threads.append(t)
@@ -266,12 +270,17 @@ class SafetensorsWriter:
             item = q.get()
             if item is None:
                 return
-            if self._error is not None:
-                continue  # keep draining so add() never blocks on a dead thread
             try:
-                step(item[0], item[1])
+                if self._error is None:  # after an error: keep draining so add() never blocks
+                    step(item[0], item[1])
             except BaseException as e:  # reported by the next add() or by commit()
                 self._error = e
+            finally:
+                with self._budget:
+                    item[3][0] -= 1
+                    if not item[3][0]:  # written and hashed: its bytes leave the budget
+                        self._inflight -= len(item[0])
+                        self._budget.notify_all()
 
     def _stop_thread(self):
         for q, t in zip(self._queues, self._threads):
@@ -306,7 +315,12 @@ class SafetensorsWriter:
             n, pdt, pshape, begin, end = self._plan[self._plan_pos]
             if (n, pdt, pshape) != (name, dt, shape):
                 raise RuntimeError(f"planned writer expected {n} {pdt}{list(pshape)}, got {name} {dt}{list(shape)}")
-            item = (data, begin, tensor)  # the tensor keeps the bytes alive until written and hashed
+            with self._budget:
+                while self._inflight and self._inflight + len(data) > _INFLIGHT_BYTES and self._error is None:
+                    self._budget.wait()
+                self._inflight += len(data)
+            # the tensor keeps the bytes alive until written and hashed; the list counts the threads left
+            item = (data, begin, tensor, [len(self._queues)])
             for q in self._queues:
                 q.put(item)
             self._plan_pos += 1
