@@ -126,7 +126,7 @@ def _lycoris_forward_matches(path, factor=-1):
     """lycoris-lora's own module, built from the file's tensors on the base layer, gives the output of our
     merged weights (its forward path is the reference, conventions.md): up to 6 k×k convs, 6 1×1 convs and
     6 linears. Returns the tensor suffixes checked."""
-    lycoris = pytest.importorskip("lycoris")
+    pytest.importorskip("lycoris")
     import lycoris.modules as lm_
 
     base = open_source(SD1)
