@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,6 +43,7 @@ def _direct_writes(monkeypatch, refuse: str | None = None):
     from lycotools.io import writer
 
     monkeypatch.setattr(writer, "_DIRECT_MIN", 0)
+    monkeypatch.setenv("LYCOTOOLS_DIRECT_IO", "1")  # whatever filesystem the tests run on
     monkeypatch.setattr(writer._DirectSink, "CHUNK", 64 << 10)
     real_open, real_pwrite, direct_fds = os.open, os.pwrite, set()
 
@@ -96,6 +98,23 @@ def test_writer_matches_safetensors_and_kohya_hashes(tmp_path, mode, monkeypatch
     for k, v in t.items():
         assert torch.equal(src.get(k), v)
     assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "ref.safetensors"]  # no temp files left
+
+
+def test_direct_io_only_on_local_filesystems(tmp_path, monkeypatch):
+    from lycotools.io.writer import direct_io_ok
+
+    if not hasattr(os, "O_DIRECT"):
+        assert not direct_io_ok(tmp_path)
+        return
+    monkeypatch.setenv("LYCOTOOLS_DIRECT_IO", "0")
+    assert not direct_io_ok(tmp_path)
+    monkeypatch.setenv("LYCOTOOLS_DIRECT_IO", "1")
+    assert direct_io_ok(tmp_path)
+    monkeypatch.delenv("LYCOTOOLS_DIRECT_IO")
+    if os.path.isdir("/proc/self") and os.path.isdir("/dev/shm"):
+        assert not direct_io_ok(Path("/dev/shm"))  # tmpfs: no O_DIRECT to gain
+    if os.path.isdir("/proc/self"):
+        assert not direct_io_ok(Path("/proc/self"))
 
 
 @pytest.mark.parametrize("direct", [False, True])

@@ -32,7 +32,32 @@ HASH_PLACEHOLDER = "0x" + "0" * 64
 LEGACY_PLACEHOLDER = "0" * 8
 _LEGACY_START, _LEGACY_LEN = 0x100000, 0x10000
 _INFLIGHT_BYTES = 256 << 20  # planned mode: tensor bytes handed to the writer/hasher threads, not yet done
-_DIRECT_MIN = 64 << 20  # outputs at least this big bypass the page cache (see _DirectSink)
+_DIRECT_MIN = 64 << 20  # outputs at least this big bypass the page cache (see _DirectSink) ...
+_DIRECT_FS = {"ext4", "ext3", "xfs", "btrfs", "f2fs", "bcachefs"}  # ... on these local filesystems
+
+
+def direct_io_ok(folder: Path) -> bool:
+    """Whether files in ``folder`` are written with O_DIRECT: only on local block filesystems, where it
+    saves the page-cache copy (on network and FUSE mounts a direct write is a synchronous round trip).
+    ``LYCOTOOLS_DIRECT_IO=0`` or ``=1`` decides instead."""
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    env = os.environ.get("LYCOTOOLS_DIRECT_IO")
+    if env is not None:
+        return env.strip().lower() not in ("0", "", "no", "false", "off")
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return False
+    target, best, fstype = str(Path(folder).resolve()), "", None
+    for line in mounts:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mp = parts[1].replace("\\040", " ")
+        if (target == mp or target.startswith(mp.rstrip("/") + "/")) and len(mp) >= len(best):
+            best, fstype = mp, parts[2]
+    return fstype in _DIRECT_FS
 
 
 def check_output(path, inputs=(), overwrite: bool = False) -> Path:
@@ -229,7 +254,7 @@ class SafetensorsWriter:
         self._data_start = 8 + len(head)
         self._head_len = len(head)
         self._sink = None
-        if off >= _DIRECT_MIN and hasattr(os, "O_DIRECT"):
+        if off >= _DIRECT_MIN and direct_io_ok(self.path.parent):
             self._fh.flush()
             try:
                 self._sink = _DirectSink(self._tmp, self._fh.fileno())
