@@ -185,8 +185,6 @@ def test_inspect_says_sd2(path):
         assert rep["prediction"] is None and any("768-v" in n for n in rep["notes"])
 
 
-@pytest.mark.xfail(strict=True, reason="lycotools bug: detect_checkpoint/inspect never read a diffusers folder's "
-                   "scheduler/scheduler_config.json, so an SD2 768-v folder reports prediction None")
 def test_inspect_reads_v_prediction_from_the_scheduler_config():
     assert inspect_path(PIPE)["prediction"] == "v"
 
@@ -246,9 +244,6 @@ def test_convert_without_config_infers_sd2_configs(tmp_path, ref_pipe):
     assert same_state(te.state_dict(), ref_pipe.text_encoder.state_dict())
 
 
-@pytest.mark.xfail(strict=True, reason="lycotools bug: convert_checkpoint._scheduler writes prediction_type "
-                   "'epsilon' for an SD2 single file without a word, though SD2 eps and 768-v files cannot be told "
-                   "apart (SD 2.x 768-v models then give noise in diffusers)")
 def test_convert_sd2_without_config_says_the_prediction_type_is_a_guess(tmp_path):
     r = cli("convert", BASE, "--to", "diffusers", "-o", tmp_path / "f")
     assert r.exit_code == 0, r.output
@@ -278,9 +273,6 @@ def test_real_sd2_extra_keys_are_reported_and_kept_by_bake(tmp_path, ref_pipe, s
         assert torch.equal(got[k], sd[k]), k
 
 
-@pytest.mark.xfail(strict=True, reason="lycotools bug: for a diffusers folder CheckpointInfo.prediction is None, so "
-                   "files written from the SD2 768-v folder get modelspec.prediction_type 'epsilon' and "
-                   "architecture 'stable-diffusion-v2-512' (io/metadata.modelspec), though its scheduler says v")
 @pytest.mark.parametrize("command", ["convert", "extract"])
 def test_files_made_from_the_v_prediction_folder_say_v(tmp_path, command):
     out = tmp_path / "out.safetensors"
@@ -292,6 +284,10 @@ def test_files_made_from_the_v_prediction_folder_say_v(tmp_path, command):
     m = meta(out)
     assert m["modelspec.prediction_type"] == "v"
     assert m["modelspec.architecture"].startswith("stable-diffusion-v2-768-v")
+    if command == "extract":
+        assert m["ss_base_model_version"] == "sd_v2_v" and m["ss_v2"] == "True"
+    else:  # and the single file written says so, so the next tool reads it back
+        assert inspect_path(out)["prediction"] == "v"
 
 
 # ------------------------------------------------------------------------------------------------

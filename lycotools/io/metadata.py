@@ -41,6 +41,8 @@ def modelspec(arch: str | None, kind: str | None, title: str, *, prediction: str
               merged_from: list[str] | None = None, no_date: bool = False) -> dict[str, str]:
     """SAI ModelSpec 1.0.1 keys; ``kind`` is e.g. "lora", "lycoris" or None for a checkpoint."""
     meta = {"modelspec.sai_model_spec": "1.0.1", "modelspec.title": title}
+    if arch == "sd2" and prediction == "v":
+        arch = "sd2-v"
     if arch in MODELSPEC_ARCH:
         base = MODELSPEC_ARCH[arch]
         meta["modelspec.architecture"] = f"{base}/{kind}" if kind else base

@@ -225,6 +225,15 @@ def _safe_torch_load(path: Path):
         raise BadInput(path, f"not a readable torch pickle ({first})") from e
 
 
+def _scheduler_prediction(path: Path) -> str | None:
+    """"v" or "eps" from a diffusers scheduler config's ``prediction_type``; None if absent or unreadable."""
+    try:
+        kind = json.loads(path.read_text()).get("prediction_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return {"v_prediction": "v", "epsilon": "eps"}.get(kind)
+
+
 class DiffusersFolderSource(Source):
     """A diffusers pipeline folder; keys are ``<component>.<key within the component>``.
 
@@ -264,6 +273,7 @@ class DiffusersFolderSource(Source):
         mi = self.path / "model_index.json"
         if mi.exists():
             self.metadata = {"model_index": mi.read_text()}
+        self.prediction = _scheduler_prediction(self.path / "scheduler" / "scheduler_config.json")
 
     def close(self):
         for s in self.parts.values():

@@ -194,7 +194,7 @@ def detect_checkpoint(shapes: Mapping[str, tuple]) -> CheckpointInfo:
             arch = "unknown"
         conv_in = shapes.get("unet.conv_in.weight")
         prediction = None
-        notes.append("diffusers layout: the prediction type lives in scheduler/config.json, not the weights")
+        notes.append("diffusers layout: the prediction type lives in scheduler/scheduler_config.json, not the weights")
     else:
         layout = "single-file"
         if _has_prefix(keys, SDXL_OPENCLIP_PREFIX):
@@ -258,6 +258,21 @@ def detect_checkpoint(shapes: Mapping[str, tuple]) -> CheckpointInfo:
         notes.append("no Stable Diffusion components found")
     return CheckpointInfo(arch=arch, layout=layout, components=comps, prediction=prediction,
                           inpainting=inpainting, notes=notes)
+
+
+def detect_source(source) -> CheckpointInfo:
+    """``detect_checkpoint`` of a source's shapes, with the prediction type the weights cannot show taken
+    from where the model says it: a diffusers folder's scheduler config, or a single file's
+    ``modelspec.prediction_type`` (SD2 512-base and 768-v files have the same keys)."""
+    info = detect_checkpoint(source.shapes())
+    said = getattr(source, "prediction", None)
+    if said is None:
+        said = {"v": "v", "v_prediction": "v", "epsilon": "eps", "eps": "eps"}.get(
+            (getattr(source, "metadata", None) or {}).get("modelspec.prediction_type", ""))
+    if said is not None and info.arch != "unknown" and info.prediction != "v":
+        info.prediction = said
+        info.notes = [n for n in info.notes if "prediction type lives" not in n and "identical keys" not in n]
+    return info
 
 
 # ----------------------------------------------------------------------------------------------

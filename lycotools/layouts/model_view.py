@@ -17,7 +17,7 @@ class CheckpointView:
     def __init__(self, source: Source):
         self.source = source
         shapes = source.shapes()
-        self.info = ckpt.detect_checkpoint(shapes)
+        self.info = ckpt.detect_source(source)
         if self.info.arch == "unknown":
             raise BadInput(source.path, "not a Stable Diffusion checkpoint lycotools recognises (SD1.x, SD2.x, SDXL)")
         self.arch = self.info.arch
@@ -112,6 +112,7 @@ class SingleFileSource(Source):
         super().__init__(view.path)
         self.view = view
         self.metadata = dict(view.source.metadata)
+        self.prediction = view.info.prediction  # from the folder's scheduler config
         km = view.single_map()
         groups: dict[str, list] = {}
         for m in km.mappings:

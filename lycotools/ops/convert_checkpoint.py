@@ -144,6 +144,11 @@ def _pipeline_files(folder: Path, view, comps, config_dir: Path | None, opts):
         (folder / "scheduler").mkdir()
         (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(_scheduler(view), indent=2) + "\n")
         copied.add("scheduler")
+        if view.arch == "sd2" and view.info.prediction is None:
+            click.echo("lycotools: note: SD2 512 (epsilon) and 768-v (v_prediction) checkpoints have the same keys and "
+                       "this one does not say which it is: the scheduler was written with prediction_type epsilon "
+                       "(a 768-v model needs v_prediction: pass --config with its diffusers folder, or edit "
+                       "scheduler/scheduler_config.json)", err=True)
     mi = None
     if config_dir is not None and (config_dir / "model_index.json").exists():
         mi = json.loads((config_dir / "model_index.json").read_text())

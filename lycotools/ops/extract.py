@@ -229,7 +229,8 @@ def extract(base_path, tuned_path, output, opts: ExtractOptions, *, overwrite: b
         if opts.algo in ("locon", "loha", "lokr") and not opts.budget:
             args["conv_dim"] = opts.conv_rank or opts.rank
             args["conv_alpha"] = alpha
-        meta = network_metadata(arch, network_module, dim, alpha, args)
+        meta = network_metadata("sd2-v" if arch == "sd2" and base.info.prediction == "v" else arch,
+                                network_module, dim, alpha, args)
         meta.update(modelspec(arch, "lycoris" if lycoris_format else "lora", output.stem, no_date=opts.no_date,
                               prediction=("v" if base.info.prediction == "v" else None)))
         meta["ss_sd_model_name"] = Path(base_path).name

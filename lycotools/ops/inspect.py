@@ -35,7 +35,7 @@ def inspect_path(path) -> dict:
             report.update(kind="embedding", format=emb.format, token=emb.token, vectors=emb.vectors,
                           widths=emb.widths, target=emb.target)
         else:
-            info = ckpt.detect_checkpoint(src.shapes())
+            info = ckpt.detect_source(src)
             if info.arch != "unknown" and src.kind != "peft":
                 report.update(_checkpoint_report(src, info))
             else:

@@ -340,7 +340,7 @@ def bake(checkpoint, specs, output, opts: BakeOptions, *, overwrite=False, quiet
     out_dtype = out_dtype_of(opts.dtype)
     inputs = [checkpoint] + [p for p, _ in specs]
     src = open_source(checkpoint)
-    info = ckpt.detect_checkpoint(src.shapes())
+    info = ckpt.detect_source(src)
     if info.arch == "unknown":
         raise BadInput(checkpoint, "not a Stable Diffusion checkpoint lycotools recognises (SD1.x, SD2.x, SDXL)")
     diffusers_out = isinstance(src, DiffusersFolderSource)
@@ -828,7 +828,7 @@ def merge_models(paths, output, opts: ModelMergeOptions, *, overwrite=False, qui
               "are kept from it unmerged: the diffusers folders have no such weights", file=sys.stderr)
     bw = parse_block_weights(opts.block_weights, archs[0]) if opts.block_weights else None
     meta = _kept_metadata(a.metadata)
-    info = ckpt.detect_checkpoint(a.shapes())
+    info = ckpt.detect_source(a)
     meta.update(modelspec(info.arch, None, output.stem, merged_from=[Path(p).name for p in paths], no_date=opts.no_date,
                           prediction=("v" if info.prediction == "v" else None)))
     meta.update(lycotools_record("merge", [{"role": f"model{i}", "name": Path(p).name, "sshs_model_hash": _file_hash(s)}
