@@ -204,8 +204,11 @@ class _DirectSink:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        del self._buf
-        self._mm.close()
+        self._buf = None
+        try:
+            self._mm.close()
+        except BufferError:  # a view still alive (an exception's traceback): the GC unmaps it later
+            pass
 
 
 class SafetensorsWriter:
