@@ -24,8 +24,8 @@ import click
 import torch
 from tqdm import tqdm
 
-from ..devices import CHECKPOINT_DTYPES as DTYPES, cast_to
 from ..alloc import streaming_threads
+from ..devices import CHECKPOINT_DTYPES as DTYPES, cast_to
 from ..errors import BadInput
 from ..io.metadata import lycotools_record, modelspec
 from ..io.readers import prefetch

@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from ..adapter_file import AdapterFile
 from ..adapters import AdapterModule
-from ..alloc import streaming_threads
 from ..adapters.lora import to_tensors as lora_tensors
+from ..alloc import streaming_threads
 from ..devices import CHECKPOINT_DTYPES as DTYPES, cast_to, device_of
 from ..errors import BadInput
 from ..io.metadata import lycotools_record, modelspec, network_metadata
