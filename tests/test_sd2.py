@@ -248,6 +248,17 @@ def test_convert_sd2_without_config_says_the_prediction_type_is_a_guess(tmp_path
     r = cli("convert", BASE, "--to", "diffusers", "-o", tmp_path / "f")
     assert r.exit_code == 0, r.output
     assert "prediction" in r.output
+    sched = json.loads((tmp_path / "f" / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["prediction_type"] == "epsilon"
+    # --prediction settles it: the scheduler and the metadata say v, and no note
+    r = cli("convert", BASE, "--to", "diffusers", "--prediction", "v", "-o", tmp_path / "g")
+    assert r.exit_code == 0 and "prediction" not in r.output, r.output
+    sched = json.loads((tmp_path / "g" / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["prediction_type"] == "v_prediction"
+    r = cli("convert", BASE, "--to", "single-file", "--prediction", "v", "-o", tmp_path / "v.safetensors", "--no-date")
+    assert r.exit_code == 0, r.output
+    assert meta(tmp_path / "v.safetensors")["modelspec.architecture"] == "stable-diffusion-v2-768-v"
+    assert inspect_path(tmp_path / "v.safetensors")["prediction"] == "v"
 
 
 def test_real_sd2_extra_keys_are_reported_and_kept_by_bake(tmp_path, ref_pipe, sd2_lora, hidden):

@@ -43,6 +43,9 @@ ALL_TARGETS = sorted(set(ADAPTER_TARGETS + CHECKPOINT_TARGETS + EMBEDDING_TARGET
 @click.option("--prune", is_flag=True, help="Checkpoints: drop EMA, optimizer state and training-only keys.")
 @click.option("--config", "config", default=None, help="Checkpoints --to diffusers: a diffusers folder whose "
                                                        "configs, tokenizer and scheduler are used.")
+@click.option("--prediction", type=click.Choice(["eps", "v"]), default=None,
+              help="Checkpoints: the prediction type, for a model that does not say (SD2 512 and 768-v files look "
+                   "alike): sets the written scheduler config and modelspec.prediction_type.")
 @click.option("--token", default=None, help="Embeddings: the token name to write (default: keep the input's).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--report", default=None, help="Adapters and --to control-lora: write the per-layer conversion "
@@ -52,7 +55,7 @@ ALL_TARGETS = sorted(set(ADAPTER_TARGETS + CHECKPOINT_TARGETS + EMBEDDING_TARGET
 @click.option("-j", "--jobs", default=1, show_default=True, help="Files converted at once in batch mode.")
 @common
 def command(inputs, to, output, algo, rank, mode, mode_param, max_rank, base, fold_alpha, drop_unsupported, dtype,
-            prune, config, token, seed, report, overwrite, no_date, jobs, debug, quiet):
+            prune, config, prediction, token, seed, report, overwrite, no_date, jobs, debug, quiet):
     """Convert adapters, checkpoints and embeddings between formats, losslessly where possible.
 
     What INPUT is (adapter, checkpoint, embedding) is detected; --to picks the format. A conversion that
@@ -78,7 +81,7 @@ def command(inputs, to, output, algo, rank, mode, mode_param, max_rank, base, fo
         raise BadInput(None, f"--mode {mode} needs --mode-param")
     opts = ConvertOptions(to=to, algo=algo, rank=rank, mode=mode, mode_param=mode_param, max_rank=max_rank, base=base,
                           fold_alpha=fold_alpha, drop_unsupported=drop_unsupported, dtype=dtype, prune=prune,
-                          config=config, token=token, seed=seed, no_date=no_date)
+                          config=config, prediction=prediction, token=token, seed=seed, no_date=no_date)
     items, batch = _expand(inputs, expand_inputs)
     if not batch:
         convert_one(items[0], output, opts, overwrite=overwrite, report_path=report, quiet=quiet)

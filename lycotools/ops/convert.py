@@ -34,6 +34,7 @@ class ConvertOptions:
     dtype: str | None = None
     prune: bool = False
     config: str | None = None
+    prediction: str | None = None  # checkpoints: "eps" | "v", overriding what the model says or leaves open
     token: str | None = None
     seed: int = 0
     no_date: bool = False

@@ -70,6 +70,8 @@ def pruned(key: str) -> bool:
 
 def convert_checkpoint(path, output, opts, *, overwrite: bool = False, quiet: bool = False) -> dict:
     view = CheckpointView.open(path)
+    if getattr(opts, "prediction", None):
+        view.info.prediction = opts.prediction
     try:
         if opts.to == "diffusers":
             return _to_diffusers(view, Path(path), Path(output), opts, overwrite, quiet)
