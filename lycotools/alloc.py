@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import os
 import sys
+import threading
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -33,6 +34,11 @@ def tune_allocator() -> bool:
         return False
 
 
+_stream_lock = threading.Lock()
+_streams = 0  # streams running now (batch jobs run several in threads)
+_saved: tuple[int, bool] | None = None  # torch threads and GC state before the first of them
+
+
 @contextlib.contextmanager
 def streaming_threads(io_threads: int = 2):
     """For a tensor-by-tensor stream whose reading, writing and hashing run in ``io_threads`` threads
@@ -41,19 +47,26 @@ def streaming_threads(io_threads: int = 2):
     torch's OpenMP workers spin for a while after each op; with as many of them as cores they took
     a fifth of the CPU of a 2-core bake from the writer and hasher threads. The GC pass, triggered by
     the many small objects a stream allocates, walked the large heap of key maps each time (~4%).
-    Both are restored on exit."""
+    Both are process-wide: the first stream to start changes them, the last to end restores them."""
     import gc
 
     import torch
 
-    before = torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, min(before, cores - io_threads)))
-    gc_was = gc.isenabled()
-    gc.disable()
+    global _streams, _saved
+    with _stream_lock:
+        if _streams == 0:
+            _saved = (torch.get_num_threads(), gc.isenabled())
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            torch.set_num_threads(max(1, min(_saved[0], cores - io_threads)))
+            gc.disable()
+        _streams += 1
     try:
         yield
     finally:
-        torch.set_num_threads(before)
-        if gc_was:
-            gc.enable()
+        with _stream_lock:
+            _streams -= 1
+            if _streams == 0 and _saved is not None:
+                torch.set_num_threads(_saved[0])
+                if _saved[1]:
+                    gc.enable()
+                _saved = None

@@ -239,3 +239,29 @@ def test_prefetch_keeps_order_and_raises(tmp_path):
     assert seen == ["k0", "k1", "k2"]
     for k, _ in prefetch(keys, src.get, depth=1):  # leaving early stops the reader thread
         break
+
+
+def test_streaming_threads_nest_and_restore():
+    import gc
+    import threading
+
+    from lycotools.alloc import streaming_threads
+
+    before, gc_before = torch.get_num_threads(), gc.isenabled()
+    inside = []
+    gate = threading.Barrier(2)
+
+    def job():
+        with streaming_threads():
+            gate.wait()  # both streams open at once, as two batch jobs
+            inside.append((torch.get_num_threads(), gc.isenabled()))
+            gate.wait()
+
+    ts = [threading.Thread(target=job) for _ in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert all(n == max(1, min(before, cores - 2)) and not g for n, g in inside)
+    assert torch.get_num_threads() == before and gc.isenabled() == gc_before
