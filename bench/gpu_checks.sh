@@ -7,7 +7,9 @@
 #      frozen ones are bf16, and the saved diff is exactly trained − base;
 #   4. bench/train_gpu.sh (SD1.5-sized LoRA training, 200 steps, bf16): it/s and peak GPU memory, then the same
 #      model with ALGO=full for 50 steps (full fine-tune of the attention/ResNet weights).
-# Usage: bash bench/gpu_checks.sh   (needs a CUDA build of torch: pip install torch --index-url ...)
+# Usage: bash bench/gpu_checks.sh   (needs a CUDA build of torch and diffusers; on the device machines, whose
+#        image has no diffusers: run bench/fetch_gpu_wheels.sh here first, carry .whl, and run
+#        `source bench/device_env.sh && bash bench/gpu_checks.sh 2>&1 | tee $OUT/gpu_checks.log` there)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/lyco_gpu}; mkdir -p "$out"
