@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from lycotools.cli import main
 from lycotools.ops.convert_adapter import open_adapter
@@ -92,7 +92,8 @@ ROUND_TRIP = [
     ("sd1_loha.safetensors", ["peft", "comfy", "lycoris"]),
     ("sd1_loha_tucker.safetensors", ["peft", "comfy", "lycoris"]),
     ("sd1_dora.safetensors", ["peft", "lycoris"]),
-    ("sd1_lokr.safetensors", ["comfy", "lycoris"]),
+    ("sd1_lokr.safetensors", ["comfy", "lycoris"]),  # PEFT: ΔW-exact, not key-exact (test_peft_from_pretrained)
+    ("sd1_lokr_tucker.safetensors", ["comfy", "lycoris"]),
     ("sd1_locon_tucker.safetensors", ["comfy", "lycoris"]),
 ]
 
@@ -272,13 +273,15 @@ def test_diffusers_fold_alpha(tmp_path, sd1_pipe):
 
 
 @pytest.mark.parametrize("name", ["sd1_kohya_locon.safetensors", "sd1_loha.safetensors", "sd1_loha_tucker.safetensors",
-                                  "sd1_dora.safetensors"])
+                                  "sd1_dora.safetensors", "sd1_lokr.safetensors", "sd1_lokr_tucker.safetensors"])
 def test_peft_from_pretrained(tmp_path, sd1_pipe, name):
     from peft import PeftModel
 
     out = tmp_path / "peft"
     run(AD / name, "--to", "peft", "-o", out)
     assert (out / "unet" / "adapter_config.json").exists()
+    if "dora" not in name:  # the PEFT folder means the ΔW the file means (PEFT's own merge is checked below)
+        assert_same_deltas(AD / name, out)
     pipe = sd1_pipe
     before = _weights(pipe)
     if "dora" in name:  # DoRA: the merged weight, not W + ΔW
@@ -355,7 +358,18 @@ def test_lycoris_modules_load_the_output(tmp_path, sd1_pipe, name):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,target", [("sd1_loha.safetensors", "diffusers"), ("sd1_lokr.safetensors", "peft"),
+def test_peft_lokr_refuses_what_one_config_cannot_hold(tmp_path):
+    """PEFT lays out every LoKr module from one config (use_effective_conv2d, decompose_factor): a file mixing
+    Tucker and plain k×k convs has no PEFT form."""
+    plain, tucker = raw(AD / "sd1_lokr.safetensors"), raw(AD / "sd1_lokr_tucker.safetensors")
+    m = "lora_unet_down_blocks_0_downsamplers_0_conv"
+    mixed = dict(plain, **{k: v for k, v in tucker.items() if k.startswith(m + ".")})
+    save_file(mixed, str(tmp_path / "mixed.safetensors"))
+    res = run(tmp_path / "mixed.safetensors", "--to", "peft", "-o", tmp_path / "out", code=2)
+    assert "use_effective_conv2d" in res.output and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name,target", [("sd1_loha.safetensors", "diffusers"), ("sd1_lokr.safetensors", "diffusers"),
                                          ("sd1_locon_tucker.safetensors", "kohya"), ("sd1_dora.safetensors", "diffusers")])
 def test_refused_conversion_exits_2_without_output(tmp_path, name, target):
     out = tmp_path / "out.safetensors"

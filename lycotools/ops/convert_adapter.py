@@ -35,6 +35,7 @@ import torch
 
 from ..devices import ADAPTER_DTYPES as DTYPES
 from ..adapter_file import AdapterFile, LoadedModule
+from ..adapters import lokr as lokr_math
 from ..errors import BadInput
 from ..io.metadata import lycotools_record, modelspec, network_metadata
 from ..io.writer import atomic_folder, check_output, save_tensors
@@ -51,7 +52,7 @@ HOLDS = {
     "kohya": {"lora"},
     "lycoris": {"lora", "lora_mid", "lora_sparse", "dora", "dora_in", "loha", "lokr", "full", "norm", "ia3", "oft",
                 "boft", "glora", "loha_dora", "lokr_dora"},
-    "peft": {"lora", "dora", "loha"},
+    "peft": {"lora", "dora", "loha", "lokr"},
     "diffusers": {"lora"},
     "comfy": {"lora", "lora_mid", "dora_in", "loha", "lokr", "full", "norm"},
 }
@@ -530,6 +531,70 @@ def _loha_config(cfg: dict, group: list, path) -> dict:
     }
 
 
+def _lokr_blocks(o: _Out) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((a, b), (c, d)) of a LoKr module: out = a·b, in = c·d, W1 (a, c), W2 (b, d[, k...])."""
+    t = o.tensors
+    a, c = (t["lokr_w1"].shape if "lokr_w1" in t else (t["lokr_w1_a"].shape[0], t["lokr_w1_b"].shape[1]))
+    if "lokr_w2" in t:
+        b, d = t["lokr_w2"].shape[:2]
+    elif "lokr_t2" in t:
+        b, d = t["lokr_w2_a"].shape[1], t["lokr_w2_b"].shape[1]
+    else:  # a factored conv W2 is stored flat: (b, r) @ (r, d·kh·kw)
+        k = math.prod(o.lm.target.shape[2:]) if len(o.lm.target.shape) > 2 else 1
+        b, d = t["lokr_w2_a"].shape[0], t["lokr_w2_b"].shape[1] // k
+    return (int(a), int(b)), (int(c), int(d))
+
+
+def _lokr_rank_alpha(o: _Out) -> tuple[int, float]:
+    """The (r, alpha) PEFT needs to rebuild this module's blocks with this module's scale: PEFT decides
+    which blocks are factored from r (as LyCORIS does) and always scales by alpha/r, where LyCORIS uses
+    1 when both blocks are full. A module with both blocks full gets the smallest r that keeps W2 full."""
+    t = o.tensors
+    for k in ("lokr_w1_b", "lokr_w2_b"):
+        if k in t:
+            r = int(t[k].shape[0])
+            break
+    else:
+        (_, b), (_, d) = _lokr_blocks(o)
+        r = max(1, math.ceil(max(b, d) / 2))
+    return r, float(o.lm.module.scale) * r
+
+
+def _lokr_config(cfg: dict, group: list, path) -> dict:
+    """PEFT LoKrConfig. PEFT rebuilds every module's blocks from one ``decompose_factor``, one
+    ``decompose_both`` and each module's r, so all three must reproduce the file's shapes; a file they
+    cannot (blocks split another way, a factored W1 beside a full one at the same small rank) is refused."""
+    blocks = {o.lm.name: _lokr_blocks(o) for o in group}
+    out_in = {n: (ab[0] * ab[1], cd[0] * cd[1]) for n, (ab, cd) in blocks.items()}
+    candidates = [-1] + sorted({v for (ab, cd) in blocks.values() for v in (*ab, *cd)})
+    factor = next((f for f in candidates if all(
+        (lokr_math.factorization(out_in[n][0], f), lokr_math.factorization(out_in[n][1], f)) == blocks[n]
+        for n in blocks)), None)
+    if factor is None:
+        raise BadInput(path, "PEFT LoKr splits every layer with one decompose_factor; no factor gives this file's "
+                       "block shapes", hint="use --to lycoris")
+    both = any("lokr_w1_a" in o.tensors for o in group)
+    tucker = {"lokr_t2" in o.tensors for o in group
+              if len(o.lm.target.shape) == 4 and o.lm.target.shape[2:] != (1, 1) and "lokr_w2" not in o.tensors}
+    if len(tucker) > 1:
+        raise BadInput(path, "PEFT LoKr has one use_effective_conv2d setting; this file mixes Tucker and plain "
+                       "LoKr on k×k convs", hint="use --to lycoris")
+    for o in group:  # PEFT's own rule for which blocks are factored, at the r it will be given
+        r, _ = _lokr_rank_alpha(o)
+        (a, b), (c, d) = blocks[o.lm.name]
+        full_w1, full_w2 = not (both and r < max(a, c) / 2), r >= max(b, d) / 2
+        if full_w1 != ("lokr_w1" in o.tensors) or full_w2 != ("lokr_w2" in o.tensors):
+            raise BadInput(path, f"PEFT LoKr would lay out module {o.lm.name} differently at rank {r} "
+                           f"(W1 {'full' if full_w1 else 'factored'}, W2 {'full' if full_w2 else 'factored'})",
+                           hint="use --to lycoris")
+    return {
+        "peft_type": "LOKR", "r": cfg["r"], "alpha": cfg["lora_alpha"], "target_modules": cfg["target_modules"],
+        "rank_pattern": cfg["rank_pattern"], "alpha_pattern": cfg["alpha_pattern"], "rank_dropout": 0.0,
+        "module_dropout": 0.0, "use_effective_conv2d": bool(tucker and tucker.pop()), "decompose_both": both,
+        "decompose_factor": factor, "rank_dropout_scale": False, "init_weights": True,
+    }
+
+
 def _num(a: float):
     return int(a) if float(a).is_integer() else float(a)
 
@@ -594,10 +659,13 @@ def _write_peft(af, outs, arch, index, output, opts, overwrite, input_path, resu
                 path = _peft_module_path(tgt)
                 o.record.name = f"{comp}/{path}"
                 key = f"base_model.model.{path}"
-                if kind == "loha":
-                    entries.append((path, int(t["hada_w1_b"].shape[0]), _alpha_of(o)))
+                if kind in ("loha", "lokr"):
+                    if kind == "loha":
+                        entries.append((path, int(t["hada_w1_b"].shape[0]), _alpha_of(o)))
+                    else:
+                        entries.append((path, *_lokr_rank_alpha(o)))
                     for suf, v in t.items():
-                        if suf.startswith("hada_"):
+                        if suf.startswith(("hada_", "lokr_")):
                             sd[f"{key}.{suf}"] = _cast(v, suf, opts)
                     continue
                 r = int(t["lora_down.weight"].shape[0])
@@ -612,6 +680,8 @@ def _write_peft(af, outs, arch, index, output, opts, overwrite, input_path, resu
             cfg = _lora_config(entries, use_dora)
             if kind == "loha":
                 cfg = _loha_config(cfg, group, input_path)
+            elif kind == "lokr":
+                cfg = _lokr_config(cfg, group, input_path)
             cfg.update({"base_model_name_or_path": None, "task_type": None, "inference_mode": True,
                         "modules_to_save": None, "revision": None})
             (folder / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
