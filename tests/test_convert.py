@@ -102,7 +102,7 @@ ROUND_TRIP = [
 def test_round_trips_are_bit_exact(tmp_path, name, targets):
     src = AD / name
     back_to = "kohya" if "kohya" in name else "lycoris"
-    first = tmp_path / f"first.safetensors"
+    first = tmp_path / "first.safetensors"
     run(src, "--to", back_to, "-o", first, "--no-date")
     assert_same_file_tensors(src, first)
     for t in targets:
@@ -383,7 +383,7 @@ def test_refused_conversion_exits_2_without_output(tmp_path, name, target):
 def test_algo_lora_full_rank_is_exact_and_loads_in_diffusers(tmp_path, name, sd1_pipe):
     out = tmp_path / "lora.safetensors"
     rep = tmp_path / "rep.json"
-    res = run(AD / name, "--to", "diffusers", "--algo", "lora", "--rank", "64", "-o", out, "--report", rep,
+    run(AD / name, "--to", "diffusers", "--algo", "lora", "--rank", "64", "-o", out, "--report", rep,
               "--base", FIX / "sd1" / "base.safetensors",
               *(["--drop-unsupported"] if "full" in name else []))
     doc = json.loads(rep.read_text())
@@ -730,7 +730,7 @@ def test_controlnet_diffusers_original_round_trip(tmp_path):
     theirs = ControlNetModel.from_single_file(str(orig), config=str(d)).state_dict()
     assert sorted(theirs) == sorted(ref) and all(torch.equal(theirs[k], ref[k]) for k in ref)
     back = tmp_path / "back"
-    res = run(orig, "--to", "diffusers", "-o", back)  # config inferred from the shapes
+    run(orig, "--to", "diffusers", "-o", back)  # config inferred from the shapes
     got = ControlNetModel.from_pretrained(str(back)).state_dict()
     assert sorted(got) == sorted(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
     again = tmp_path / "again.safetensors"

@@ -1,7 +1,6 @@
 """extract: the known deltas come back, outputs load in diffusers and lycoris-lora, errors are clean."""
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -14,24 +13,15 @@ from lycotools.adapter_file import AdapterFile
 from lycotools.io.readers import open_source
 from lycotools.layouts.model_index import ModelIndex
 from lycotools.layouts.model_view import CheckpointView
-from lycotools.linalg import exact_svd, randomized_svd, relative_error, truncated_svd
+from lycotools.linalg import exact_svd, randomized_svd, relative_error
 from lycotools.ops import factorize
 from lycotools.ops.extract import ExtractOptions, extract
+
+from conftest import checkpoint_deltas
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures"
 SD1_BASE, SD1_TUNED = FIX / "sd1/base.safetensors", FIX / "sd1/tuned.safetensors"
 SDXL_BASE, SDXL_TUNED = FIX / "sdxl/base.safetensors", FIX / "sdxl/tuned.safetensors"
-
-
-def _deltas(base, tuned):
-    """{(comp, dkey): ΔW} for every changed weight, in the diffusers view."""
-    b, t = CheckpointView.open(base), CheckpointView.open(tuned)
-    out = {}
-    for ck in b.keys():
-        d = t.get(*ck).float() - b.get(*ck).float()
-        if d.abs().max() > 0:
-            out[ck] = d
-    return out
 
 
 def _resolved_deltas(path, base):
@@ -44,7 +34,7 @@ def _resolved_deltas(path, base):
 
 @pytest.fixture(scope="module")
 def sd1_deltas():
-    return _deltas(SD1_BASE, SD1_TUNED)
+    return checkpoint_deltas(SD1_BASE, SD1_TUNED)
 
 
 def test_fixture_deltas_match_manifest(sd1_deltas):
@@ -70,7 +60,7 @@ def test_rank_at_least_true_rank_reproduces_deltas(tmp_path, sd1_deltas, algo):
 def test_low_rank_error_within_one_percent_of_exact_truncation(tmp_path, sd1_deltas):
     out = tmp_path / "x.safetensors"
     opts = ExtractOptions(algo="locon", rank=2, dtype="fp32", full_fallback=False, no_date=True)
-    res = extract(SD1_BASE, SD1_TUNED, out, opts, quiet=True, report_path=tmp_path / "r.json")
+    extract(SD1_BASE, SD1_TUNED, out, opts, quiet=True, report_path=tmp_path / "r.json")
     got = _resolved_deltas(out, SD1_BASE)
     for ck, d in sd1_deltas.items():
         M = d.reshape(d.shape[0], -1)
@@ -119,7 +109,7 @@ def test_diffusers_folder_base_gives_the_same_adapter(tmp_path):
 def test_sdxl_extract_both_text_encoders(tmp_path):
     out = tmp_path / "x.safetensors"
     res = extract(SDXL_BASE, SDXL_TUNED, out, ExtractOptions(algo="locon", rank=8, dtype="fp32", no_date=True), quiet=True)
-    deltas = _deltas(SDXL_BASE, SDXL_TUNED)
+    deltas = checkpoint_deltas(SDXL_BASE, SDXL_TUNED)
     got = _resolved_deltas(out, SDXL_BASE)
     assert set(got) == set(deltas)
     for ck, d in deltas.items():

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import logging
 import os
@@ -16,7 +15,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
 import torch
-from safetensors import safe_open
+from conftest import load_make_fixtures
 from safetensors.torch import load_file
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures"
@@ -25,10 +24,7 @@ ADAPTERS = FIX / "adapters"
 
 
 def _mf():
-    spec = importlib.util.spec_from_file_location("make_fixtures", FIX / "make_fixtures.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_make_fixtures()
 
 
 @pytest.fixture(scope="module")

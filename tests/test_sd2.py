@@ -6,7 +6,6 @@ the refusal of adapters made for another architecture, each checked against diff
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import logging
 import os
@@ -19,6 +18,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors import safe_open
+from conftest import checkpoint_deltas, load_make_fixtures
 from safetensors.torch import load_file, save_file
 
 from lycotools.adapter_file import AdapterFile
@@ -26,7 +26,6 @@ from lycotools.cli import main
 from lycotools.io.readers import open_source
 from lycotools.layouts import checkpoint as ckpt
 from lycotools.layouts.model_index import ModelIndex
-from lycotools.layouts.model_view import CheckpointView
 from lycotools.linalg import relative_error
 from lycotools.ops import merge as M
 from lycotools.ops.extract import ExtractOptions, extract
@@ -67,10 +66,7 @@ def same_state(a: dict, b: dict) -> bool:
 
 @pytest.fixture(scope="module")
 def mf():
-    spec = importlib.util.spec_from_file_location("make_fixtures", FIX / "make_fixtures.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_make_fixtures()
 
 
 @pytest.fixture(scope="module")
@@ -88,13 +84,7 @@ def ref_pipe():
 @pytest.fixture(scope="module")
 def known_deltas():
     """{(component, diffusers key): ΔW} of tuned - base, read through lycotools' key map."""
-    b, t = CheckpointView.open(BASE), CheckpointView.open(TUNED)
-    out = {}
-    for ck in b.keys():
-        d = t.get(*ck).float() - b.get(*ck).float()
-        if d.abs().max() > 0:
-            out[ck] = d
-    return out
+    return checkpoint_deltas(BASE, TUNED)
 
 
 @pytest.fixture(scope="module")
