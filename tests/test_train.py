@@ -745,3 +745,38 @@ def test_full_targets_and_conv_rank_0():
         assert sum(t.component == "text_encoder" for t in net.targets) == 12
         trainable = {id(p) for m in (base.unet, base.text_encoders["text_encoder"]) for p in m.parameters() if p.requires_grad}
         assert trainable == {id(p) for t in net.targets for p in t.layer.parameters()}
+
+
+def test_sd2_v_prediction_locon_bakes_back_to_the_trained_model(tmp_path, data):
+    """SD2 (OpenCLIP text encoder, linear proj_in/out) with the v-prediction read from the folder's scheduler:
+    the file says so in its metadata, and baking it into the base gives the trained UNet and text encoder."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from lycotools.ops.merge import BakeOptions, bake
+    from lycotools.train.trainer import TrainOptions, train
+
+    sd2 = FIX / "sd2" / "diffusers"
+    out = tmp_path / "sd2_locon.safetensors"
+    opts = TrainOptions(algo="locon", rank=4, conv_rank=2, steps=4, lr=1e-2, batch_size=2, resolution=RES,
+                        train_text_encoder=True, no_date=True, device="cpu")
+    res = train(sd2, data.parent, out, opts, overwrite=True, quiet=True, keep_models=True)
+    assert all(math.isfinite(l) for l in res.losses)
+    meta = open_source(out).metadata
+    assert meta["ss_v_parameterization"] == "True" and meta["ss_base_model_version"] == "sd_v2_v"
+    assert meta["modelspec.architecture"].startswith("stable-diffusion-v2-768-v")
+    baked = tmp_path / "baked"
+    bake(str(sd2), [(str(out), 1.0)], baked, BakeOptions(no_date=True), quiet=True)
+    unet = UNet2DConditionModel.from_pretrained(str(baked / "unet")).eval()
+    te = CLIPTextModel.from_pretrained(str(baked / "text_encoder")).eval()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 4, RES // 2, RES // 2, generator=g)
+    ehs = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    ids = torch.randint(0, te.config.vocab_size, (2, 77), generator=g)
+    base_unet = UNet2DConditionModel.from_pretrained(str(sd2 / "unet")).eval()
+    with torch.no_grad():
+        y = res.base.unet.eval()(x, torch.tensor([10, 500]), ehs).sample
+        assert (y - base_unet(x, torch.tensor([10, 500]), ehs).sample).abs().max() > 1e-4, "training changed nothing"
+        torch.testing.assert_close(unet(x, torch.tensor([10, 500]), ehs).sample, y, atol=1e-4, rtol=1e-4)
+        trained_te = res.base.text_encoders["text_encoder"].eval()
+        torch.testing.assert_close(te(ids).last_hidden_state, trained_te(ids)[0], atol=1e-4, rtol=1e-4)
