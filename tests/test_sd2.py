@@ -439,3 +439,18 @@ def test_extract_across_architectures_exits_2_nothing_written(tmp_path):
     r = cli("merge", "--models", BASE, FIX / "sd1" / "base.safetensors", "-o", out, "-q")
     assert r.exit_code == 2 and "architecture mismatch" in r.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_adapter_merges_keep_the_sd2_delta(tmp_path, sd2_lora):
+    """Adapter + adapter on SD2 (the in_proj thirds included): concat of 0.25 and 0.75 of the same LoRA is its
+    ΔW exactly, and the SVD merge at the true rank gives it back too."""
+    path = sd2_lora[0]
+    for method, extra in (("concat", {}), ("svd", {"rank": 4})):
+        out = tmp_path / f"{method}.safetensors"
+        M.merge_adapters([(str(path), 0.25), (str(path), 0.75)], out,
+                         M.AdapterMergeOptions(method=method, dtype="fp32", no_date=True, **extra), quiet=True)
+        got, want = _resolved(out), _resolved(path)
+        assert sorted(got) == sorted(want)
+        for k in want:
+            assert relative_error(got[k], want[k]) < 1e-5, (method, k)
+    assert meta(tmp_path / "concat.safetensors")["ss_base_model_version"].startswith("sd_v2")
