@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -513,16 +514,37 @@ batch_size = 1
         load_dataset_config(toml)
 
 
-def test_sdxl_textual_inversion_and_v_prediction(tmp_path, data):
+def test_sdxl_textual_inversion_and_v_prediction(tmp_path, data, monkeypatch):
+    """SDXL TI with v-prediction; its sample images use the trained token where a prompt names it (and only
+    there) and sample with a v-prediction scheduler."""
     from safetensors.torch import load_file
 
+    from lycotools.train import sample
     from lycotools.train.trainer import TrainOptions, train
 
+    schedulers = []
+    make = sample.Sampler._pipeline
+
+    def spy(self, view):
+        pipe = make(self, view)
+        schedulers.append(pipe.scheduler.config)
+        return pipe
+
+    monkeypatch.setattr(sample.Sampler, "_pipeline", spy)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a <thing> photo --d 3 --w 48\na photo --d 3 --l 4\na photo --n <thing> --d 3 --l 4\n")
     cfg = _sdxl_config_folder(tmp_path / "cfg")
     out = tmp_path / "xl_emb.safetensors"
     opts = TrainOptions(algo="ti", token="<thing>", init_word="red", vectors=2, steps=2, lr=1e-2, resolution=RES,
-                        no_date=True, device="cpu", config_dir=str(cfg), v_pred=True)
+                        no_date=True, device="cpu", config_dir=str(cfg), v_pred=True, sample_every=2,
+                        sample_at_first=True, sample_prompts=str(prompts), sample_steps=2)
     res = train(FIX / "sdxl/base.safetensors", data.parent, out, opts, quiet=True)
+    d = tmp_path / "xl_emb_samples"
+    first, last = ([_png(d / f"xl_emb_{s:06d}_{i:02d}.png") for i in range(3)] for s in (0, 2))
+    assert first[0].shape == (RES, 48, 3) and all(a.std() > 1 for a in first + last)
+    assert (first[0] != last[0]).any() and (first[2] != last[2]).any(), "the trained token is not in the samples"
+    assert (first[1] == last[1]).all(), "a prompt without the token changed (was the token added to it?)"
+    assert [c.prediction_type for c in schedulers] == ["v_prediction"] * 2
     assert all(math.isfinite(l) for l in res.losses)
     t = load_file(out)
     assert t["clip_l"].shape == (2, 32) and t["clip_g"].shape == (2, 48)  # the SDXL embedding layout
@@ -780,3 +802,132 @@ def test_sd2_v_prediction_locon_bakes_back_to_the_trained_model(tmp_path, data):
         torch.testing.assert_close(unet(x, torch.tensor([10, 500]), ehs).sample, y, atol=1e-4, rtol=1e-4)
         trained_te = res.base.text_encoders["text_encoder"].eval()
         torch.testing.assert_close(te(ids).last_hidden_state, trained_te(ids)[0], atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ sample images
+
+PROMPTS = """# kohya prompt file
+a photo of a thing, red
+
+red thing --n blue, green --W 48 --h 32 --s 3 --l 5 --d 7 --ss euler_a
+"""
+
+
+def _png(path):
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB")).astype(float)
+
+
+def test_sample_images_do_not_change_the_run(tmp_path, data):
+    """--sample-every 2 --sample-at-first: the PNGs exist at the prompts' sizes and are not blank, the adapter
+    hooks are in them (step 0 ≠ step 4), and the adapter file, the global RNG and the modules' train/eval
+    modes are exactly those of the same run without sampling; the same seed again (through the CLI) gives
+    the same PNG bytes and adapter bytes."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPTS)
+    kw = dict(algo="lora", rank=2, steps=4, seed=1, train_text_encoder=True)
+    runs = {}
+    for name, extra in [("plain", {}), ("sampled", dict(sample_every=2, sample_at_first=True, sample_steps=2,
+                                                         sample_prompts=str(prompts)))]:
+        (tmp_path / name).mkdir()
+        res = _train(data, tmp_path / name / "x.safetensors", **kw, **extra)
+        modes = [m.training for root in (res.base.unet, *res.base.text_encoders.values()) for m in root.modules()]
+        runs[name] = (res, torch.get_rng_state(), modes)
+    assert not (tmp_path / "plain" / "x_samples").exists()
+    out_dir = tmp_path / "sampled" / "x_samples"
+    names = sorted(p.name for p in out_dir.iterdir())
+    assert names == [f"x_{s:06d}_{i:02d}.png" for s in (0, 2, 4) for i in (0, 1)], names
+    for s in (0, 2, 4):
+        a, b = _png(out_dir / f"x_{s:06d}_00.png"), _png(out_dir / f"x_{s:06d}_01.png")
+        assert a.shape == (RES, RES, 3) and b.shape == (32, 48, 3)  # default: --resolution; --W 48 --h 32
+        assert a.std() > 1 and b.std() > 1
+    assert (_png(out_dir / "x_000000_00.png") != _png(out_dir / "x_000004_00.png")).any(), "the adapter is not in the samples"
+    assert (tmp_path / "plain" / "x.safetensors").read_bytes() == (tmp_path / "sampled" / "x.safetensors").read_bytes()
+    assert torch.equal(runs["plain"][1], runs["sampled"][1]), "sampling drew from torch's global RNG"
+    assert runs["plain"][2] == runs["sampled"][2] and any(runs["sampled"][2]), "train/eval modes not restored"
+    # the same seed again, through the CLI: the same images and the same adapter
+    (tmp_path / "cli").mkdir()
+    r = _cli(SD1, data.parent, "-o", tmp_path / "cli" / "x.safetensors", "--algo", "lora", "--rank", 2, "--steps", 4,
+             "--seed", 1, "--train-text-encoder", "--lr", "1e-2", "--batch-size", 2, "--resolution", RES, "--device",
+             "cpu", "--no-date", "--sample-every", 2, "--sample-at-first", "--sample-steps", 2,
+             "--sample-prompts", prompts)
+    assert r.exit_code == 0, r.output
+    lines = [ln for ln in r.output.splitlines() if "sample images in" in ln]
+    assert [ln.split("lycotools: ")[-1].split(":")[0] for ln in lines] == ["step 0", "step 2", "step 4"], r.output
+    assert "ignored: --ss" in r.output  # kohya's sampler option: not supported, said once
+    cli_dir = tmp_path / "cli" / "x_samples"
+    assert sorted(p.name for p in cli_dir.iterdir()) == names
+    for n in names:
+        assert (cli_dir / n).read_bytes() == (out_dir / n).read_bytes(), n
+    assert (tmp_path / "cli" / "x.safetensors").read_bytes() == (tmp_path / "plain" / "x.safetensors").read_bytes()
+
+
+def test_sample_prompt_file(tmp_path):
+    from lycotools.errors import BadInput
+    from lycotools.train.sample import Sampler, SamplePrompt, load_prompts, parse_line, sample_path
+    from lycotools.train.trainer import TrainOptions, _check
+
+    p = tmp_path / "p.txt"
+    p.write_text(PROMPTS + "  \n# --w 8\n--n only a negative --l 1\nx --w 70 --H 71 --s 1000 --l 0 --d 0 --cn a.png\n")
+    prompts, ignored = load_prompts(p)
+    assert prompts == [
+        SamplePrompt("a photo of a thing, red"),
+        SamplePrompt("red thing", negative="blue, green", width=48, height=32, steps=3, scale=5.0, seed=7),
+        SamplePrompt("", negative="only a negative", scale=1.0),
+        SamplePrompt("x", width=64, height=64, steps=1000, scale=0.0, seed=0),  # sizes rounded down to 8 px
+    ]
+    assert ignored == ["--ss", "--cn"]
+    # defaults: the training resolution, --sample-steps, kohya's CFG 7.5, --seed + the prompt's index
+    r = [sp.resolved(i, resolution=256, steps=20, seed=10) for i, sp in enumerate(prompts)]
+    assert (r[0].width, r[0].height, r[0].steps, r[0].scale, r[0].seed, r[0].negative) == (256, 256, 20, 7.5, 10, "")
+    assert (r[1].width, r[1].height, r[1].steps, r[1].scale, r[1].seed) == (48, 32, 3, 5.0, 7)
+    assert (r[2].seed, r[2].scale, r[3].seed, r[3].scale) == (12, 1.0, 0, 0.0)
+    assert parse_line("  # a comment --w 64") == (None, []) and parse_line("") == (None, [])
+    assert parse_line("a--b c --n x")[0] == SamplePrompt("a--b c", negative="x")  # options start at " --"
+    for line, msg in [("a --w abc", "--w 'abc'"), ("a --s 0", "1 to 1000"), ("a --h 4", "at least 8"),
+                      ("a --l -1", "--l '-1'"), ("a --d 1.5", "--d '1.5'"), ("a -- ", "expected an option")]:
+        with pytest.raises(BadInput, match=re.escape(msg)):
+            parse_line(line)
+    p.write_text("ok\nbad --w x\n")
+    with pytest.raises(BadInput, match="line 2: --w 'x'"):
+        load_prompts(p)
+    p.write_text("# nothing\n\n   \n")
+    with pytest.raises(BadInput, match="no prompts"):
+        load_prompts(p)
+    with pytest.raises(BadInput, match="no such prompt file"):
+        load_prompts(tmp_path / "missing.txt")
+    assert sample_path(tmp_path / "my.lora.safetensors", 12, 3) == tmp_path / "my.lora_samples" / "my.lora_000012_03.png"
+    # a TI token in a prompt becomes all its vectors' tokens, as in training; prompts without it stay as written
+    ti = Sampler(None, None, [], tmp_path / "x.safetensors", device="cpu", resolution=8, steps=1, seed=0,
+                 ti_tokens=["<t>", "<t>_1"])
+    assert ti._expand("a <t>, <t>x (<t>)") == "a <t> <t>_1, <t>x (<t> <t>_1)" and ti._expand("a b") == "a b"
+    # option checks: sampling needs prompts, prompts need a cadence
+    ok = dict(steps=1, sample_prompts=str(p))
+    for kw, msg in [(dict(sample_every=2), "--sample-every needs --sample-prompts"),
+                    (dict(sample_at_first=True), "--sample-at-first needs --sample-prompts"),
+                    (dict(sample_prompts=str(p)), "--sample-prompts needs --sample-every"),
+                    (dict(ok, sample_every=0), "--sample-every 0"),
+                    (dict(ok, sample_every=1, sample_steps=0), "--sample-steps 0")]:
+        with pytest.raises(BadInput, match=re.escape(msg)):
+            _check(TrainOptions(**{"steps": 1, **kw}))
+    _check(TrainOptions(**ok, sample_every=5))
+
+
+def test_cli_sample_options_exit_2(tmp_path, data):
+    out = tmp_path / "x.safetensors"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# only a comment\n")
+    cases = [
+        (["--sample-every", "2"], "--sample-every needs --sample-prompts"),
+        (["--sample-every", "2", "--sample-prompts", tmp_path / "missing.txt"], "no such prompt file"),
+        (["--sample-every", "2", "--sample-prompts", empty], "no prompts"),
+        (["--sample-prompts", empty], "--sample-prompts needs --sample-every"),
+    ]
+    for extra, msg in cases:
+        r = _cli(SD1, data.parent, "-o", out, "--steps", "1", "--resolution", RES, *extra)
+        errors = [ln for ln in r.output.splitlines() if ln.startswith("lycotools: error:")]
+        assert r.exit_code == 2 and msg in r.output and len(errors) == 1, (extra, r.output)
+        assert len(r.output.strip().splitlines()) == 1, r.output
+    assert not out.exists()

@@ -74,6 +74,15 @@ from ..cli_common import common
 @click.option("--resume", default=None, help="Continue from a .state.pt written by --save-state.")
 @click.option("--save-precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
 @click.option("--loss-log", default=None, help="CSV loss log (default: OUT_loss.csv).")
+@click.option("--sample-every", type=int, default=None,
+              help="Write sample images every N steps to OUT_samples/ (needs --sample-prompts).")
+@click.option("--sample-at-first", is_flag=True, help="Also sample before the first step.")
+@click.option("--sample-prompts", default=None,
+              help="kohya prompt file: one prompt per line ('#' comments), options after it: --n negative prompt, "
+                   "--w/--h size (default --resolution), --s steps, --l CFG scale (default 7.5), "
+                   "--d seed (default --seed + the prompt's index: 0, 1, ...).")
+@click.option("--sample-steps", type=int, default=20, show_default=True,
+              help="Inference steps of samples without --s (DDIM).")
 @click.option("--config", "config_dir", default=None,
               help="Diffusers folder with the configs and tokenizer of a single-file BASE that is not a standard model.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
@@ -98,7 +107,8 @@ def command(base, data, output, debug, quiet, overwrite, **kw):
     keep_tokens, caption_dropout_rate, caption_tag_dropout_rate; its resolution, batch_size,
     enable_bucket, bucket_reso_steps and caption keys override the options, a subset's caption keys
     apply to that subset). Writes OUT (kohya/LyCORIS adapter with ss_* and modelspec metadata, a
-    LyCORIS full diff for --algo full, or an embedding for --algo ti) and OUT_loss.csv.
+    LyCORIS full diff for --algo full, or an embedding for --algo ti) and OUT_loss.csv, and with
+    --sample-prompts, OUT_samples/OUT_<step>_<prompt index>.png (seeded; they do not change OUT).
 
     \b
     Examples:
@@ -112,6 +122,8 @@ def command(base, data, output, debug, quiet, overwrite, **kw):
       lycotools train sd15.safetensors tagged/ -o tags.safetensors --algo loha --tucker --shuffle-caption \\
           --keep-tokens 1 --caption-tag-dropout-rate 0.1 --clip-skip 2 --steps 1000
       lycotools train sd15.safetensors photos/ -o tuned_diff.safetensors --algo full --lr 1e-5 --steps 500
+      lycotools train sd15.safetensors photos/ -o my_lora.safetensors --steps 1000 \\
+          --sample-prompts prompts.txt --sample-every 200 --sample-at-first
       lycotools train sd15.safetensors cat/ -o cat_emb.safetensors --algo ti --token "<my-cat>" \\
           --init-word cat --vectors 2 --lr 5e-3 --steps 2000
       accelerate launch -m lycotools.cli train sdxl.safetensors photos/ -o x.safetensors --mixed-precision bf16 --steps 2000

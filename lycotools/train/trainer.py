@@ -6,7 +6,8 @@ Device placement, mixed precision, gradient accumulation and multi-GPU data para
 it runs as a plain loop. Noise, timesteps and data order come from CPU generators seeded with
 ``--seed`` (+ the process index), so a CPU run is deterministic and ``--resume`` continues the same
 sequence. Caption augmentation (kohya's shuffle / keep-tokens / caption and tag dropout) draws from its
-own seeded generator, only when enabled.
+own seeded generator, only when enabled. Sample images (``--sample-prompts``, ``sample.py``) come from the
+main process with their own generators and leave the run unchanged.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ..errors import BadInput
 from ..io.metadata import lycotools_record, modelspec, network_metadata
 from ..io.writer import check_output, save_tensors
 from . import data as data_mod
+from . import sample as sample_mod
 from .model import load_base
 from .modules import inject
 
@@ -89,6 +91,12 @@ class TrainOptions:
     resume: str | None = None
     save_precision: str = "fp32"
     loss_log: str | None = None
+    # sample images (kohya's --sample_prompts / --sample_every_n_steps / --sample_at_first); they do not
+    # change the trained file, so they stay out of its recorded options
+    sample_every: int | None = None
+    sample_at_first: bool = False
+    sample_prompts: str | None = None
+    sample_steps: int = sample_mod.DEFAULT_STEPS
     no_date: bool = False
     config_dir: str | None = None
     device: str | None = None
@@ -105,6 +113,9 @@ class TrainOptions:
     orth_reg: float = 0.1
     beta1: float = 0.85
     beta2: float = 0.85
+
+
+SAMPLE_FIELDS = ("sample_every", "sample_at_first", "sample_prompts", "sample_steps")  # not in the file's record
 
 
 @dataclass
@@ -171,6 +182,7 @@ def _check(opts: TrainOptions):
                            hint="pip install bitsandbytes, or use --optimizer adamw")
     if opts.save_precision not in _DTYPES:
         raise BadInput(None, f"--save-precision {opts.save_precision}: expected fp32, fp16 or bf16")
+    sample_mod.check_options(opts)
 
 
 _CAPTION_FIELDS = {"shuffle": "shuffle_caption", "keep_tokens": "keep_tokens", "dropout_rate": "caption_dropout_rate",
@@ -430,7 +442,7 @@ def _metadata(opts, base, output, info) -> dict:
     if not opts.no_date:
         meta["ss_training_started_at"] = str(int(started))
         meta["ss_training_finished_at"] = str(int(time.time()))
-    opt_record = {k: v for k, v in asdict(opts).items() if k not in ("no_date",)}
+    opt_record = {k: v for k, v in asdict(opts).items() if k not in ("no_date", *SAMPLE_FIELDS)}
     meta.update(lycotools_record("train", [{"role": "base", "name": Path(base.path).name},
                                            {"role": "data", "name": Path(info["data"]).name}], opt_record))
     return meta
@@ -473,6 +485,9 @@ def train(base_path, data_dir, output, opts: TrainOptions, *, overwrite=False, q
     check_output(output, inputs=[base_path], overwrite=overwrite)
     if opts.resume and not Path(opts.resume).is_file():
         raise BadInput(opts.resume, "no such training state file")
+    prompts = ignored_prompt_opts = None
+    if opts.sample_prompts:
+        prompts, ignored_prompt_opts = sample_mod.load_prompts(opts.sample_prompts)
     class_items = []
     if str(data_dir).lower().endswith(".toml"):
         items, class_items, settings, ignored = data_mod.load_dataset_config(data_dir)
@@ -534,6 +549,7 @@ def train(base_path, data_dir, output, opts: TrainOptions, *, overwrite=False, q
         latents, class_latents = encode_all()
     vae_factor = 2 ** (len(base.vae.config.block_out_channels) - 1)
     base.vae.to("cpu")
+    sample_vae = base.vae if prompts and acc.is_main_process else None  # waits on the CPU between sampling rounds
     base.vae = None
     ds = data_mod.LatentDataset(items, latents)
     cds = data_mod.LatentDataset(class_items, class_latents) if class_items else None
@@ -677,6 +693,22 @@ def train(base_path, data_dir, output, opts: TrainOptions, *, overwrite=False, q
     info["bucket_info"] = {"buckets": {str(i): {"resolution": list(k), "count": v}
                                        for i, (k, v) in enumerate(sorted(buckets.items()))}}
     result = TrainResult(output=output, steps=total, loss_log=log_path, main_process=acc.is_main_process)
+    sampler = None
+    if sample_vae is not None:
+        if ignored_prompt_opts and not quiet:
+            print(f"lycotools: warning: {opts.sample_prompts}: prompt options not supported, ignored: "
+                  f"{', '.join(ignored_prompt_opts)}", file=sys.stderr)
+        sampler = sample_mod.Sampler(base, sample_vae, prompts, output, device=device, resolution=opts.resolution,
+                                     steps=opts.sample_steps, seed=opts.seed, clip_skip=opts.clip_skip,
+                                     ti_tokens=ti.tokens if ti is not None else None, autocast=acc.autocast,
+                                     quiet=quiet)
+
+    def sample_images():
+        """One sampling round on the main process (the others wait at the barrier)."""
+        if sampler is not None:
+            sampler(step)
+        if prompts and world > 1:
+            acc.wait_for_everyone()
 
     def save(path: Path, final: bool):
         if not acc.is_main_process:
@@ -752,6 +784,8 @@ def train(base_path, data_dir, output, opts: TrainOptions, *, overwrite=False, q
             per = per * torch.clamp(snr, max=opts.min_snr_gamma) / (snr + (1 if base.prediction_type != "epsilon" else 0))
         return per
     try:
+        if opts.sample_at_first:
+            sample_images()
         while step < total:
             epoch, idx = next(gen)
             info["epoch"] = epoch + 1
@@ -813,6 +847,8 @@ def train(base_path, data_dir, output, opts: TrainOptions, *, overwrite=False, q
             acc_loss, acc_prior = 0.0, 0.0
             if opts.save_every and step % opts.save_every == 0 and step < total:
                 save(_step_output(output, step), final=False)
+            if opts.sample_every and step % opts.sample_every == 0:
+                sample_images()
         bar.close()
         save(output, final=True)
     finally:
