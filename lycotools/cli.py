@@ -14,7 +14,7 @@ import click
 
 from . import __version__
 from .batch import exit_status, expand_inputs, run_items
-from .cli_common import batch_outputs, common, err, run_batch
+from .cli_common import batch_options, batch_outputs, common, err, run_batch
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -84,9 +84,7 @@ def inspect_cmd(paths, as_json, jobs, debug, quiet):
 @click.option("--loha-steps", type=int, default=200, show_default=True, help="LoHa refinement steps.")
 @click.option("--lokr-factor", type=int, default=-1, show_default=True, help="LoKr factor (-1: balanced).")
 @click.option("--report", "report", default=None, help="Write per-layer rank, kept energy and error as JSON.")
-@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
-@click.option("--no-date", is_flag=True, help="Leave the date out of the metadata (byte-identical reruns).")
-@click.option("-j", "--jobs", default=1, show_default=True, help="Files processed at once in batch mode.")
+@batch_options()
 @common
 def extract_cmd(base, tuned, output, algo, rank, conv_rank, mode, mode_param, conv_mode_param, max_rank, budget, parts,
                 tucker, full_fallback, include_norms, min_diff, device, dtype, seed, loha_steps, lokr_factor, report, overwrite,

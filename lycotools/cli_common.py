@@ -17,6 +17,17 @@ def err(line: str):
     click.echo(f"lycotools: error: {line}", err=True)
 
 
+def batch_options(jobs_help: str = "Files processed at once in batch mode."):
+    """--overwrite, --no-date and -j/--jobs: the options of every command that writes files, batch or not."""
+
+    def deco(f):
+        f = click.option("-j", "--jobs", type=int, default=1, show_default=True, help=jobs_help)(f)
+        f = click.option("--no-date", is_flag=True, help="Leave the date out of the metadata (byte-identical reruns).")(f)
+        return click.option("--overwrite", is_flag=True, help="Replace existing outputs.")(f)
+
+    return deco
+
+
 def common(f):
     """Options every command has, and the one place errors turn into lines and exit statuses."""
 

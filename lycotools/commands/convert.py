@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from ..cli_common import batch_outputs, common, run_batch
+from ..cli_common import batch_options, batch_outputs, common, run_batch
 from ..errors import BadInput
 
 ADAPTER_TARGETS = ("kohya", "lycoris", "peft", "diffusers", "comfy")
@@ -50,9 +50,7 @@ ALL_TARGETS = sorted(set(ADAPTER_TARGETS + CHECKPOINT_TARGETS + EMBEDDING_TARGET
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--report", default=None, help="Adapters and --to control-lora: write the per-layer conversion "
                                              "report as JSON.")
-@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
-@click.option("--no-date", is_flag=True, help="Leave the date out of the metadata (byte-identical reruns).")
-@click.option("-j", "--jobs", default=1, show_default=True, help="Files converted at once in batch mode.")
+@batch_options("Files converted at once in batch mode.")
 @common
 def command(inputs, to, output, algo, rank, mode, mode_param, max_rank, base, fold_alpha, drop_unsupported, dtype,
             prune, config, prediction, token, seed, report, overwrite, no_date, jobs, debug, quiet):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import click
 
 from ..batch import expand_inputs, require_exists
-from ..cli_common import batch_outputs, common, run_batch
+from ..cli_common import batch_options, batch_outputs, common, run_batch
 from ..errors import BadInput
 
 
@@ -35,9 +35,7 @@ from ..errors import BadInput
 @click.option("--each", is_flag=True, help="CHECKPOINT ADAPTER_FOLDER -o OUT_FOLDER: bake each adapter separately.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda for the math.")
 @click.option("--seed", type=int, default=0, show_default=True, help="dare's masks (with the key name); svd's randomness.")
-@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
-@click.option("--no-date", is_flag=True, help="Leave the date out of the metadata (byte-identical reruns).")
-@click.option("-j", "--jobs", default=1, show_default=True, help="Files processed at once with --each.")
+@batch_options("Files processed at once with --each.")
 @common
 def command(inputs, output, into_adapter, models, method, rank, conv_rank, budget, densify, alpha, density, drop_rate,
             block_weights, dtype, allow_partial, each, device, seed, overwrite, no_date, jobs, debug, quiet):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..cli_common import batch_outputs, common, err, run_batch
+from ..cli_common import batch_options, batch_outputs, common, err, run_batch
 
 HELP = """Shrink adapters to a uniform rank, a per-layer rule or a global parameter budget.
 
@@ -63,9 +63,7 @@ Examples:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed (randomized SVDs, timesteps, noise).")
 @click.option("--report", default=None, help="Write per-layer rank before/after and energy kept as JSON.")
 @click.option("--plot", default=None, help="Draw rank per layer before/after, grouped by block, as PNG (needs matplotlib).")
-@click.option("--no-date", is_flag=True, help="Leave the date out of the metadata (byte-identical reruns).")
-@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
-@click.option("-j", "--jobs", type=int, default=1, show_default=True, help="Files processed at once in batch mode.")
+@batch_options()
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @common
 def command(inputs, output, rank, mode, mode_param, budget, score, min_rank, max_rank, dtype, base, calib, prompts,
