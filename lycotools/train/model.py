@@ -146,24 +146,25 @@ def load_base(path, config_dir=None, tokenizer_dir=None, *, need_vae=True, v_pre
     cfgs, _ = _component_configs(view, cfg_dir)
     comps: dict[str, dict] = {}
     for c, k in view.keys():
-        comps.setdefault(c, {})[k] = view.get(c, k)
+        if c != "vae" or need_vae:  # without the VAE its weights are not even read
+            comps.setdefault(c, {})[k] = view.get(c, k)
+
+    def build(cls, comp: str, hint: str | None = None):
+        with _empty():
+            model = cls(**cfgs[comp])
+        missing, _ = model.load_state_dict(_f32(comps.pop(comp)), strict=False, assign=True)
+        if missing:
+            raise BadInput(path, f"{comp}: {len(missing)} weights missing (e.g. {missing[0]})", hint=hint)
+        return model
+
     if "unet" not in comps:
         raise BadInput(path, "the checkpoint has no UNet")
-    with _empty():
-        unet = UNet2DConditionModel(**cfgs["unet"])
-    missing, unexpected = unet.load_state_dict(_f32(comps.pop("unet")), strict=False, assign=True)
-    if missing:
-        raise BadInput(path, f"unet: {len(missing)} weights missing (e.g. {missing[0]})",
-                       hint="the config does not fit this checkpoint; pass --config")
+    unet = build(UNet2DConditionModel, "unet", hint="the config does not fit this checkpoint; pass --config")
     vae = None
     if need_vae:
         if "vae" not in comps:
             raise BadInput(path, "the checkpoint has no VAE (needed to encode the images)")
-        with _empty():
-            vae = AutoencoderKL(**cfgs["vae"])
-        missing, _ = vae.load_state_dict(_f32(comps.pop("vae")), strict=False, assign=True)
-        if missing:
-            raise BadInput(path, f"vae: {len(missing)} weights missing (e.g. {missing[0]})")
+        vae = build(AutoencoderKL, "vae")
     tes = {c: _build_te(cfgs[c], c, comps[c]) for c in ("text_encoder", "text_encoder_2") if c in comps}
     dirs = [d for d in (Path(tokenizer_dir) if tokenizer_dir else None, cfg_dir, path if path.is_dir() else None,
                         path.parent) if d is not None]
