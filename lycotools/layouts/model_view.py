@@ -134,9 +134,3 @@ class SingleFileSource(Source):
 
     def close(self):
         self.view.close()
-
-
-def as_single_file(source: Source) -> Source:
-    """``source`` with single-file keys: itself when it is one, a SingleFileSource for a diffusers folder."""
-    view = CheckpointView(source)
-    return SingleFileSource(view) if view.layout == "diffusers" else source

@@ -34,7 +34,7 @@ from ..io.writer import SafetensorsWriter, atomic_folder, check_output, check_ou
 from ..layouts import checkpoint as ckpt
 from ..layouts.adapter_keys import kohya_module_name
 from ..layouts.model_index import ModelIndex
-from ..layouts.model_view import SingleFileSource, as_single_file
+from ..layouts.model_view import CheckpointView, SingleFileSource
 from ..linalg import (LayerSpectrum, allocate_budget, exact_svd, layer_seed, lora_cost, parse_budget,
                       svd_of_product, truncated_svd)
 
@@ -806,9 +806,10 @@ def merge_models(paths, output, opts: ModelMergeOptions, *, overwrite=False, qui
     srcs = []
     for p in paths:  # diffusers folders are read as the single file they convert to
         s = open_source(p)
-        srcs.append(as_single_file(s) if isinstance(s, DiffusersFolderSource) else s)
+        srcs.append(SingleFileSource(CheckpointView(s)) if isinstance(s, DiffusersFolderSource) else s)
     a = srcs[0]
-    archs = [ckpt.detect_checkpoint(s.shapes()).arch for s in srcs]
+    infos = [ckpt.detect_source(s) for s in srcs]
+    archs = [i.arch for i in infos]
     for p, arch in zip(paths[1:], archs[1:]):
         if arch != archs[0]:
             raise BadInput(p, f"architecture mismatch: {arch} vs {archs[0]} ({Path(paths[0]).name})")
@@ -828,7 +829,7 @@ def merge_models(paths, output, opts: ModelMergeOptions, *, overwrite=False, qui
               "are kept from it unmerged: the diffusers folders have no such weights", file=sys.stderr)
     bw = parse_block_weights(opts.block_weights, archs[0]) if opts.block_weights else None
     meta = _kept_metadata(a.metadata)
-    info = ckpt.detect_source(a)
+    info = infos[0]
     meta.update(modelspec(info.arch, None, output.stem, merged_from=[Path(p).name for p in paths], no_date=opts.no_date,
                           prediction=("v" if info.prediction == "v" else None)))
     meta.update(lycotools_record("merge", [{"role": f"model{i}", "name": Path(p).name, "sshs_model_hash": _file_hash(s)}
