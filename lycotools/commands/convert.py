@@ -121,6 +121,8 @@ def _is_checkpoint_batch(items) -> bool:
 
     try:
         return input_kind(items[0]) == "checkpoint"
+    except ImportError:
+        raise
     except Exception:
         return False
 

@@ -82,6 +82,8 @@ class ModelIndex:
             keymap = None
             try:
                 keymap = ckpt.CheckpointKeyMap.for_diffusers(comp_shapes, info.arch)
+            except ImportError:
+                raise
             except Exception:
                 keymap = None
             return cls.from_component_shapes(info.arch, comp_shapes, keymap)

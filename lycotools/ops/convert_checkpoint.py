@@ -198,6 +198,8 @@ def _meta_shapes(comp: str, cfg: dict) -> dict:
 def _fits(comp: str, cfg: dict, shapes: dict) -> bool:
     try:
         want = _meta_shapes(comp, cfg)
+    except ImportError:  # a missing package is not a config that does not fit
+        raise
     except Exception:
         return False
     want = {k: v for k, v in want.items() if not k.endswith("position_ids")}

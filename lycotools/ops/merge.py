@@ -201,6 +201,8 @@ def _arch_hint(af: AdapterFile) -> str:
 
         arch, _, _ = guess_adapter_arch(af)
         return arch
+    except ImportError:
+        raise
     except Exception:
         return None
 

@@ -313,7 +313,7 @@ def read_layers(path, opts: PruneOptions, quiet: bool = True):
     """(AdapterFile, arch, layers, passthrough {name: {file key: tensor}}, dropped names, input params)."""
     try:
         af = AdapterFile.open(path)
-    except BadInput:
+    except (BadInput, ImportError):  # a missing package is not the file's fault
         raise
     except Exception as e:  # readers raise BadInput for unreadable files; anything else is still bad input
         raise BadInput(path, f"cannot read the adapter: {e}") from e
