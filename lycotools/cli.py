@@ -107,10 +107,6 @@ def extract_cmd(base, tuned, output, algo, rank, conv_rank, mode, mode_param, co
                           include_norms=include_norms, min_diff=min_diff, device=device, dtype=dtype, seed=seed,
                           loha_steps=loha_steps, lokr_factor=lokr_factor, no_date=no_date,
                           full_fallback=full_fallback)
-    if mode != "fixed" and mode_param is None:
-        from .errors import BadInput
-
-        raise BadInput(None, f"--mode {mode} needs --mode-param")
     items, batch = expand_inputs(tuned)
     if not batch:
         res = extract(base, items[0], output, opts, overwrite=overwrite, report_path=report, quiet=quiet)

@@ -7,7 +7,6 @@ import sys
 import click
 
 from ..cli_common import batch_options, batch_outputs, common, run_batch
-from ..errors import BadInput
 
 ADAPTER_TARGETS = ("kohya", "lycoris", "peft", "diffusers", "comfy")
 CHECKPOINT_TARGETS = ("diffusers", "single-file")
@@ -75,8 +74,6 @@ def command(inputs, to, output, algo, rank, mode, mode_param, max_rank, base, fo
     from ..batch import expand_inputs
     from ..ops.convert import ConvertOptions, convert_one
 
-    if mode != "fixed" and mode_param is None:
-        raise BadInput(None, f"--mode {mode} needs --mode-param")
     opts = ConvertOptions(to=to, algo=algo, rank=rank, mode=mode, mode_param=mode_param, max_rank=max_rank, base=base,
                           fold_alpha=fold_alpha, drop_unsupported=drop_unsupported, dtype=dtype, prune=prune,
                           config=config, prediction=prediction, token=token, seed=seed, no_date=no_date)

@@ -64,8 +64,6 @@ def command(inputs, output, into_adapter, models, method, rank, conv_rank, budge
         opts = M.AdapterMergeOptions(method=method or "concat", rank=rank, conv_rank=conv_rank, budget=budget,
                                      densify=densify, dtype=dtype or "fp16", device=device, seed=seed,
                                      no_date=no_date, allow_partial=allow_partial)
-        if opts.dtype.startswith("fp8"):
-            raise BadInput(None, "adapters are written in fp32, fp16 or bf16")
         res = M.merge_adapters(specs, output, opts, overwrite=overwrite, quiet=quiet)
         if not quiet:
             ranks = sorted(set(res.ranks.values()))

@@ -77,7 +77,6 @@ def command(inputs, output, rank, mode, mode_param, budget, score, min_rank, max
     opts = PruneOptions(rank=rank, mode=mode, mode_param=mode_param, budget=budget, min_rank=min_rank,
                         max_rank=max_rank, score=score, dtype=dtype, base=base, calib=calib, prompts=tuple(prompts),
                         config=config, steps=steps, device=device, seed=seed, no_date=no_date)
-    opts.check()
     items, is_batch = expand_inputs(inputs)
     if not items:
         err(f"{' '.join(inputs)}: no model files found")

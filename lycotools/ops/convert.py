@@ -13,7 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import validate
+from ..devices import CHECKPOINT_DTYPES
 from ..errors import BadInput
+from ..linalg import MODES
 from .convert_adapter import ADAPTER_TARGETS, PEFT_COMPONENTS, AdapterOptions, convert_adapter, print_summary
 
 CHECKPOINT_TARGETS = ("diffusers", "single-file")
@@ -38,11 +41,24 @@ class ConvertOptions:
     token: str | None = None
     seed: int = 0
     no_date: bool = False
+    allow_nonfinite: bool = False  # adapters: copy NaN/Inf values through (a warning) instead of refusing
+
+    def __post_init__(self):
+        if self.algo not in (None, "lora"):
+            raise BadInput(None, f"unknown --algo {self.algo!r}; only 'lora' (SVD to plain LoRA) is an algorithm change")
+        if self.mode not in MODES:
+            raise BadInput(None, f"unknown --mode {self.mode!r}; expected one of {', '.join(MODES)}")
+        validate.positive_int("--rank", self.rank)
+        validate.positive_int("--max-rank", self.max_rank)
+        validate.mode_param(self.mode, self.mode_param)
+        if self.dtype is not None and self.dtype not in CHECKPOINT_DTYPES:
+            raise BadInput(None, f"unknown --dtype {self.dtype!r}; expected one of {', '.join(CHECKPOINT_DTYPES)}")
 
     def adapter(self) -> AdapterOptions:
         return AdapterOptions(to=self.to, algo=self.algo, rank=self.rank, mode=self.mode, mode_param=self.mode_param,
                               max_rank=self.max_rank, base=self.base, dtype=self.dtype, fold_alpha=self.fold_alpha,
-                              drop_unsupported=self.drop_unsupported, seed=self.seed, no_date=self.no_date)
+                              drop_unsupported=self.drop_unsupported, seed=self.seed, no_date=self.no_date,
+                              allow_nonfinite=self.allow_nonfinite)
 
 
 def input_kind(path) -> str:
@@ -97,8 +113,6 @@ def convert_one(path, output, opts: ConvertOptions, *, overwrite: bool = False, 
         if opts.algo is None and (opts.rank is not None or opts.mode != "fixed" or opts.max_rank is not None):
             raise BadInput(None, "--rank, --mode and --max-rank apply to --algo lora only",
                            hint="add --algo lora to turn the modules into plain LoRA by SVD")
-        if opts.dtype and opts.dtype.startswith("fp8"):
-            raise BadInput(path, "fp8 is a checkpoint dtype; adapters take fp32, fp16 or bf16")
         res = convert_adapter(path, output, opts.adapter(), overwrite=overwrite, report_path=report_path, quiet=quiet)
         if not quiet:
             print_summary(res)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from .. import validate
 from ..devices import ADAPTER_DTYPES as DTYPES
 from ..adapter_file import AdapterFile, LoadedModule
 from ..adapters import lokr as lokr_math
@@ -40,7 +41,7 @@ from ..errors import BadInput
 from ..io.metadata import lycotools_record, modelspec, network_metadata
 from ..io.writer import atomic_folder, check_output, save_tensors
 from ..layouts.adapter_keys import kohya_module_name
-from ..linalg import kept_energy, layer_seed, spectrum_for_mode
+from ..linalg import MODES, kept_energy, layer_seed, spectrum_for_mode
 from . import factorize
 
 ADAPTER_TARGETS = ("kohya", "lycoris", "peft", "diffusers", "comfy")
@@ -80,6 +81,21 @@ class AdapterOptions:
     drop_unsupported: bool = False
     seed: int = 0
     no_date: bool = False
+    allow_nonfinite: bool = False  # copy NaN/Inf values through (a warning) instead of refusing the file
+
+    def __post_init__(self):
+        if self.to not in ADAPTER_TARGETS:
+            raise BadInput(None, f"unknown adapter target {self.to!r}; expected one of {', '.join(ADAPTER_TARGETS)}")
+        if self.algo not in (None, "lora"):
+            raise BadInput(None, f"unknown --algo {self.algo!r}; only 'lora' (SVD to plain LoRA) is an algorithm change")
+        if self.mode not in MODES:
+            raise BadInput(None, f"unknown --mode {self.mode!r}; expected one of {', '.join(MODES)}")
+        validate.positive_int("--rank", self.rank)
+        validate.positive_int("--max-rank", self.max_rank)
+        validate.mode_param(self.mode, self.mode_param)
+        if self.algo == "lora" and self.mode == "fixed" and self.rank is None:
+            raise BadInput(None, "--algo lora needs --rank N (or --mode MODE --mode-param P)")
+        validate.adapter_dtype(self.dtype, DTYPES)
 
 
 @dataclass
@@ -242,16 +258,6 @@ class _Out:
 
 def convert_adapter(input_path, output, opts: AdapterOptions, *, overwrite: bool = False, report_path=None,
                     quiet: bool = False) -> AdapterResult:
-    if opts.to not in ADAPTER_TARGETS:
-        raise BadInput(None, f"unknown adapter target {opts.to!r}; expected one of {', '.join(ADAPTER_TARGETS)}")
-    if opts.algo not in (None, "lora"):
-        raise BadInput(None, f"unknown --algo {opts.algo!r}; only 'lora' (SVD to plain LoRA) is an algorithm change")
-    if opts.algo == "lora" and opts.mode == "fixed" and not opts.rank:
-        raise BadInput(None, "--algo lora needs --rank N (or --mode MODE --mode-param P)")
-    if opts.mode != "fixed" and opts.mode_param is None:
-        raise BadInput(None, f"--mode {opts.mode} needs --mode-param")
-    if opts.dtype is not None and opts.dtype not in DTYPES:
-        raise BadInput(None, f"--dtype {opts.dtype} is not an adapter dtype; expected fp32, fp16 or bf16")
     output = Path(output)
     _check_output(output, input_path, opts.to, overwrite)
 

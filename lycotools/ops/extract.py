@@ -16,12 +16,13 @@ import torch
 from tqdm import tqdm
 
 from ..devices import ADAPTER_DTYPES as DTYPES, device_of
+from .. import validate
 from ..errors import BadInput
 from ..io.metadata import lycotools_record, modelspec, network_metadata
 from ..io.writer import SafetensorsWriter, check_output
 from ..layouts.adapter_keys import kohya_module_name
 from ..layouts.model_view import CheckpointView
-from ..linalg import (LayerSpectrum, allocate_budget, kept_energy, layer_seed, lora_cost, parse_budget,
+from ..linalg import (MODES, LayerSpectrum, allocate_budget, kept_energy, layer_seed, lora_cost, parse_budget,
                       spectrum_for_mode, truncated_svd)
 from . import factorize
 
@@ -52,6 +53,24 @@ class ExtractOptions:
     lokr_factor: int = -1
     no_date: bool = False
 
+    def __post_init__(self):
+        if self.algo not in ALGOS:
+            raise BadInput(None, f"unknown --algo {self.algo!r}; expected one of {', '.join(ALGOS)}")
+        if self.dtype not in DTYPES:
+            raise BadInput(None, f"unknown --dtype {self.dtype!r}; expected fp16, bf16 or fp32")
+        if self.mode not in MODES:
+            raise BadInput(None, f"unknown --mode {self.mode!r}; expected one of {', '.join(MODES)}")
+        for name, v in (("--rank", self.rank), ("--conv-rank", self.conv_rank), ("--max-rank", self.max_rank)):
+            validate.positive_int(name, v)
+        validate.mode_param(self.mode, self.mode_param)
+        if self.conv_mode_param is not None:
+            validate.mode_param(self.mode, self.conv_mode_param, name="--conv-mode-param")
+        validate.budget("--budget", self.budget)
+        validate.finite("--min-diff", self.min_diff, 0.0, optional=False)
+        validate.positive_int("--loha-steps", self.loha_steps, minimum=0, optional=False)
+        if self.lokr_factor != -1:
+            validate.positive_int("--lokr-factor (-1: balanced)", self.lokr_factor, optional=False)
+
     @property
     def file_alpha(self) -> float:
         """The alpha every LoRA module of the file gets (alpha = rank for a fixed rank)."""
@@ -63,8 +82,6 @@ class ExtractOptions:
         if self.mode == "fixed":
             return float(self.conv_rank if conv3 and self.conv_rank else self.rank)
         p = self.conv_mode_param if conv3 and self.conv_mode_param is not None else self.mode_param
-        if p is None:
-            raise BadInput(None, f"--mode {self.mode} needs --mode-param")
         return float(p)
 
 
@@ -165,10 +182,6 @@ def _finite(t: torch.Tensor, path, key: str):
 
 def extract(base_path, tuned_path, output, opts: ExtractOptions, *, overwrite: bool = False,
             report_path=None, quiet: bool = False) -> ExtractResult:
-    if opts.algo not in ALGOS:
-        raise BadInput(None, f"unknown --algo {opts.algo!r}; expected one of {', '.join(ALGOS)}")
-    if opts.dtype not in DTYPES:
-        raise BadInput(None, f"unknown --dtype {opts.dtype!r}; expected fp16, bf16 or fp32")
     dev = device_of(opts.device)
     output = check_output(output, [base_path, tuned_path], overwrite)
     base = CheckpointView.open(base_path)

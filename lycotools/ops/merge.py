@@ -13,6 +13,7 @@ adapters on one weight apply in the order given. OpenCLIP q/k/v land in their th
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import sys
@@ -26,7 +27,8 @@ from ..adapter_file import AdapterFile
 from ..adapters import AdapterModule
 from ..adapters.lora import to_tensors as lora_tensors
 from ..alloc import streaming_threads
-from ..devices import CHECKPOINT_DTYPES as DTYPES, cast_to, device_of
+from .. import validate
+from ..devices import ADAPTER_DTYPES, CHECKPOINT_DTYPES as DTYPES, cast_to, device_of
 from ..errors import BadInput
 from ..io.metadata import lycotools_record, modelspec, network_metadata
 from ..io.readers import DiffusersFolderSource, _component_weights, open_source, prefetch
@@ -77,10 +79,25 @@ def parse_spec(text: str) -> tuple[str, float]:
     if ":" in text and not Path(text).exists():
         head, _, tail = text.rpartition(":")
         try:
-            return head, float(tail)
+            ratio = float(tail)
         except ValueError:
-            pass
+            return text, 1.0
+        check_ratio(head, ratio)
+        return head, ratio
     return text, 1.0
+
+
+def check_ratio(path, ratio):
+    """A ratio is any finite number (a negative one subtracts the adapter, which users do)."""
+    try:
+        validate.finite("the ratio", ratio, optional=False)
+    except BadInput as e:
+        raise BadInput(path, e.message) from None
+
+
+def check_specs(specs):
+    for path, ratio in specs:
+        check_ratio(path, ratio)
 
 
 def out_dtype_of(name: str | None):
@@ -119,20 +136,36 @@ def ldm_slot(path: str) -> int | None:
     return None  # time embedding, label embedding: not in any block (weight 1)
 
 
+def block_weight_values(text: str) -> list[float] | None:
+    """The numbers of a ``--block-weights`` list (None for a preset name), each finite, in a count some
+    layout takes (12/20 SDXL, 17/26 SD1/SD2); the count is checked against the model in ``parse_block_weights``."""
+    t = str(text).strip()
+    if t.upper() in PRESETS:
+        return None
+    try:
+        values = [float(v) for v in re.split(r"[,\s]+", t) if v]
+    except ValueError:
+        raise BadInput(None, f"--block-weights {text!r}: not a list of numbers or a preset "
+                             f"({', '.join(PRESETS)})") from None
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise BadInput(None, f"--block-weights {text!r}: {bad[0]} is not a finite number")
+    if len(values) not in LAYOUTS:
+        raise BadInput(None, f"--block-weights has {len(values)} values; a block-weight list has "
+                             f"{' or '.join(map(str, sorted(LAYOUTS)))} (SDXL 12/20, SD1/SD2 17/26)")
+    return values
+
+
 def parse_block_weights(text: str, arch: str) -> list[float]:
     """A LoRA-Block-Weight list (12/17/20/26 values, commas) or preset name -> 26 slot weights.
 
     Slots a shorter layout does not list keep weight 1 (what the LBW extension does)."""
     t = str(text).strip()
     sdxl = arch.startswith("sdxl")
-    if t.upper() in PRESETS:
+    values = block_weight_values(t)
+    if values is None:
         values, layout = PRESETS[t.upper()], LAYOUTS[17]
     else:
-        try:
-            values = [float(v) for v in re.split(r"[,\s]+", t) if v]
-        except ValueError:
-            raise BadInput(None, f"--block-weights {text!r}: not a list of numbers or a preset "
-                                 f"({', '.join(PRESETS)})") from None
         n = len(values)
         allowed = SDXL_LENGTHS if sdxl else SD_LENGTHS
         if n not in allowed:
@@ -157,6 +190,12 @@ class BakeOptions:
     allow_partial: bool = False
     device: str = "cpu"
     no_date: bool = False
+    allow_nonfinite: bool = False  # write NaN/Inf an adapter brings (a warning) instead of refusing
+
+    def __post_init__(self):
+        out_dtype_of(self.dtype)
+        for spec in self.block_weights or ():
+            block_weight_values(spec)
 
 
 @dataclass
@@ -338,6 +377,7 @@ def _convert(raw, key, weights_edits, bias_edits, out_dtype, dev):
 
 def bake(checkpoint, specs, output, opts: BakeOptions, *, overwrite=False, quiet=False) -> BakeResult:
     """Merge adapters ``specs`` = [(path, ratio)] into ``checkpoint``, writing ``output``."""
+    check_specs(specs)
     dev = device_of(opts.device)
     out_dtype = out_dtype_of(opts.dtype)
     inputs = [checkpoint] + [p for p, _ in specs]
@@ -458,6 +498,17 @@ class AdapterMergeOptions:
     seed: int = 0
     no_date: bool = False
     allow_partial: bool = False
+    allow_nonfinite: bool = False  # keep NaN/Inf factors (a warning) instead of refusing
+
+    def __post_init__(self):
+        if self.method not in ADAPTER_METHODS:
+            raise BadInput(None, f"--method {self.method!r} does not merge adapters; use concat or svd")
+        validate.positive_int("--rank", self.rank)
+        validate.positive_int("--conv-rank", self.conv_rank)
+        validate.budget("--budget", self.budget)
+        if self.method == "svd" and self.rank is None and self.budget is None:
+            raise BadInput(None, "--method svd needs --rank N (and optionally --conv-rank) or --budget")
+        validate.adapter_dtype(self.dtype, ADAPTER_DTYPES)
 
 
 @dataclass
@@ -498,10 +549,7 @@ def _exact_rank(S: torch.Tensor, m: int, n: int) -> int:
 
 
 def merge_adapters(specs, output, opts: AdapterMergeOptions, *, overwrite=False, quiet=False) -> AdapterMergeResult:
-    if opts.method not in ADAPTER_METHODS:
-        raise BadInput(None, f"--method {opts.method!r} does not merge adapters; use concat or svd")
-    if opts.method == "svd" and not opts.rank and not opts.budget:
-        raise BadInput(None, "--method svd needs --rank N (and optionally --conv-rank) or --budget")
+    check_specs(specs)
     dev = device_of(opts.device)
     out_dtype = out_dtype_of(opts.dtype)
     output = check_output(output, [p for p, _ in specs], overwrite)
@@ -746,6 +794,17 @@ class ModelMergeOptions:
     drop_rate: float = 0.9  # DARE: probability of dropping an entry (sd-mecha's probability)
     seed: int = 0
     dtype: str | None = None
+    allow_nonfinite: bool = False  # write NaN/Inf the inputs hold (a warning) instead of refusing
+
+    def __post_init__(self):
+        if self.method not in CKPT_METHODS:
+            raise BadInput(None, f"--method {self.method!r} does not merge checkpoints; use {', '.join(CKPT_METHODS)}")
+        validate.finite("--alpha", self.alpha, optional=False)
+        validate.finite("--density", self.density, 0.0, 1.0, lo_open=True, optional=False)
+        validate.finite("--drop-rate", self.drop_rate, 0.0, 1.0, hi_open=True, optional=False)
+        if self.block_weights is not None:
+            block_weight_values(self.block_weights)
+        out_dtype_of(self.dtype)
     device: str = "cpu"
     no_date: bool = False
 
@@ -790,8 +849,6 @@ def _key_slot(key: str) -> int | None:
 
 
 def merge_models(paths, output, opts: ModelMergeOptions, *, overwrite=False, quiet=False) -> Path:
-    if opts.method not in CKPT_METHODS:
-        raise BadInput(None, f"--method {opts.method!r} does not merge checkpoints; use {', '.join(CKPT_METHODS)}")
     n = len(paths)
     if opts.method == "weighted-sum" and n != 2:
         raise BadInput(None, "weighted-sum merges exactly two models (A B)")

@@ -70,6 +70,7 @@ from tqdm import tqdm
 from ..adapter_file import AdapterFile
 from ..adapters.base import f32, flat
 from ..devices import ADAPTER_DTYPES as DTYPES, device_of
+from .. import validate
 from ..errors import BadInput
 from ..io.metadata import lycotools_record, modelspec, network_metadata
 from ..io.readers import open_source
@@ -108,22 +109,25 @@ class PruneOptions:
     device: str = "cpu"
     seed: int = 0
     no_date: bool = False
+    allow_nonfinite: bool = False  # modules holding NaN/Inf are copied unpruned (a warning) instead of refused
+
+    def __post_init__(self):
+        self.check()
 
     def check(self):
-        chosen = [n for n, v in (("--rank", self.rank), ("--mode", self.mode), ("--budget", self.budget)) if v]
+        chosen = [n for n, v in (("--rank", self.rank), ("--mode", self.mode), ("--budget", self.budget)) if v is not None]
         if len(chosen) != 1:
             raise BadInput(None, "give exactly one of --rank, --mode or --budget"
                            + (f" (got {', '.join(chosen)})" if chosen else ""))
         if self.mode and self.mode not in MODES:
             raise BadInput(None, f"unknown --mode {self.mode!r}; expected one of {', '.join(MODES)}")
-        if self.mode and self.mode_param is None:
-            raise BadInput(None, f"--mode {self.mode} needs --mode-param")
-        if self.mode in ("cumulative", "fro", "energy") and not (0 < self.mode_param <= 1):
-            raise BadInput(None, f"--mode {self.mode} takes a fraction in (0, 1], got {self.mode_param}")
-        if self.mode == "ratio" and self.mode_param < 1:
-            raise BadInput(None, f"--mode ratio takes S_max/S_min ≥ 1, got {self.mode_param}")
-        if self.rank is not None and self.rank < 1:
-            raise BadInput(None, f"--rank must be ≥ 1, got {self.rank}")
+        validate.mode_param(self.mode, self.mode_param, prune=True)
+        validate.positive_int("--rank", self.rank)
+        validate.positive_int("--min-rank", self.min_rank, minimum=0)
+        validate.positive_int("--max-rank", self.max_rank)
+        validate.budget("--budget", self.budget)
+        validate.positive_int("--steps", self.steps, optional=False)
+        validate.positive_int("batch_size", self.batch_size, optional=False)
         if self.score not in SCORES:
             raise BadInput(None, f"unknown --score {self.score!r}; expected one of {', '.join(SCORES)}")
         if self.score == "sensitivity" and not self.budget:
