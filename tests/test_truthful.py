@@ -46,3 +46,177 @@ def test_relative_error_of_a_30m_element_layer_is_the_float64_value():
     ref = math.sqrt(num / den)
     assert abs(relative_error(M, A) - ref) / ref < 1e-6
     assert abs(frobenius2(M) - den) / den < 1e-9
+
+
+# ------------------------------------------------------------------------------------------------
+# #16.2: LoKr with flattened 3x3 convs (the 2023 LyCORIS layout) is an SD1 file, "kohya" keys are not the algorithm
+# ------------------------------------------------------------------------------------------------
+
+
+def _real_size_lokr(tmp_path) -> Path:
+    """The fixture LoKr's modules and layouts (full or decomposed w1/w2; a 3x3 conv with w2 decomposed and
+    stored flattened, lokr_w2_b (r, in/c·3·3); one with a full 4-D w2) at the standard SD1 model's sizes."""
+    from lycotools.adapter_file import AdapterFile
+    from lycotools.layouts.model_index import ModelIndex
+
+    src = AD / "sd1_lokr.safetensors"
+    sd = load_file(str(src))
+    af = AdapterFile.open(src).resolve(ModelIndex.template("sd1"))
+    g = torch.Generator().manual_seed(1)
+    out, flattened = {}, 0
+    for lm in af.parsed:
+        t, shape = lm.module.tensors, lm.target.shape
+        w1 = (t["lokr_w1"].shape if "lokr_w1" in t else (t["lokr_w1_a"].shape[0], t["lokr_w1_b"].shape[1]))
+        a, c = int(w1[0]), int(w1[1])
+        b, d, k = shape[0] // a, shape[1] // c, tuple(shape[2:])
+        new = {"alpha": sd[f"{lm.name}.alpha"]}
+        if "lokr_w1" in t:
+            new["lokr_w1"] = torch.randn(a, c, generator=g)
+        else:
+            r1 = t["lokr_w1_b"].shape[0]
+            new["lokr_w1_a"], new["lokr_w1_b"] = torch.randn(a, r1, generator=g), torch.randn(r1, c, generator=g)
+        if "lokr_w2" in t:
+            new["lokr_w2"] = torch.randn(b, d, *k, generator=g)
+        else:
+            r = t["lokr_w2_b"].shape[0]
+            new["lokr_w2_a"] = torch.randn(b, r, generator=g)
+            new["lokr_w2_b"] = torch.randn(r, d * math.prod(k), generator=g)  # flattened for a conv
+            flattened += bool(k)
+        out.update({f"{lm.name}.{s}": v for s, v in new.items()})
+    assert flattened == 1  # the fixture's lora_unet_down_blocks_0_resnets_0_conv1
+    p = tmp_path / "lokr_2023.safetensors"
+    save_file(out, str(p), metadata={"ss_network_module": "lycoris.kohya"})
+    return p
+
+
+def test_flattened_conv_lokr_is_the_standard_sd1_model(tmp_path):
+    from lycotools.ops.inspect import inspect_path
+
+    p = _real_size_lokr(tmp_path)
+    r = inspect_path(p)
+    assert r["arch"] == "sd1" and r["unmatched"] == [] and r["errors"] == []
+    assert not any("not those of the standard" in n for n in r["notes"]), r["notes"]
+    res = _cli("inspect", p)
+    assert res.returncode == 0 and "not those of the standard" not in res.stdout, res.stdout
+
+
+def test_key_convention_and_algorithm_are_said_apart(tmp_path):
+    """A kohya-named LoKr is not 'kohya format' (convert --to kohya refuses LoKr): keys and algorithm apart."""
+    res = _cli("inspect", AD / "sd1_lokr.safetensors")
+    assert res.returncode == 0
+    head = res.stdout.splitlines()[0]
+    assert "keys: kohya/LyCORIS (lora_unet_*, lora_te_*)" in head and "algorithm: LoKr" in head, head
+    assert "kohya format" not in head
+    doc = json.loads(_cli("inspect", "--json", AD / "sd1_lokr.safetensors").stdout)
+    assert doc["keys"].startswith("kohya/LyCORIS") and doc["algorithm"] == "LoKr"
+    assert doc["format"] == "kohya" and doc["algorithms"] == {"lokr": 6}  # the old fields keep their meaning
+    lora = json.loads(_cli("inspect", "--json", AD / "sd1_kohya_lora.safetensors").stdout)
+    assert lora["algorithm"] == "LoRA"
+    peft = json.loads(_cli("inspect", "--json", AD / "sd1_peft").stdout)
+    assert peft["keys"].startswith("PEFT") and peft["algorithm"] == "LoRA"
+
+
+# ------------------------------------------------------------------------------------------------
+# #16.6: adapters for other families say what they are; commands refuse them in one line
+# ------------------------------------------------------------------------------------------------
+
+
+def _lora(names, prefix="", dotted=True, width=8, rank=2, alpha=False):
+    sd = {}
+    for n in names:
+        if dotted:
+            sd[f"{prefix}{n}.lora_A.weight"] = torch.ones(rank, width)
+            sd[f"{prefix}{n}.lora_B.weight"] = torch.ones(width, rank)
+        else:
+            sd[f"{prefix}{n}.lora_down.weight"] = torch.ones(rank, width)
+            sd[f"{prefix}{n}.lora_up.weight"] = torch.ones(width, rank)
+            if alpha:
+                sd[f"{prefix}{n}.alpha"] = torch.tensor(1.0)
+    return sd
+
+
+FAMILY_FILES = {
+    "Flux.1": _lora(["transformer.single_transformer_blocks.0.attn.to_q", "transformer.single_transformer_blocks.0.proj_mlp",
+                     "transformer.transformer_blocks.0.attn.to_q", "transformer.transformer_blocks.0.attn.add_q_proj"]),
+    "Flux.1 (kohya)": _lora(["lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_0_txt_mlp_0",
+                             "lora_unet_single_blocks_0_linear1"], dotted=False, alpha=True),
+    "SD3": _lora(["transformer.transformer_blocks.0.attn.add_q_proj", "transformer.transformer_blocks.0.attn.to_q",
+                  "transformer.transformer_blocks.0.ff_context.net.2"]),
+    "Qwen-Image": _lora(["transformer.transformer_blocks.0.img_mlp.net.0.proj", "transformer.transformer_blocks.0.attn.to_q",
+                         "transformer.transformer_blocks.59.txt_mlp.net.2"]),
+    "Wan": _lora(["diffusion_model.blocks.0.self_attn.q", "diffusion_model.blocks.0.cross_attn.k",
+                  "diffusion_model.blocks.0.ffn.0"]),
+    "HunyuanVideo": _lora(["transformer.context_embedder.token_refiner.refiner_blocks.0.attn.to_q",
+                           "transformer.transformer_blocks.0.attn.to_q", "transformer.single_transformer_blocks.39.attn.to_k"]),
+    "LTX-Video": _lora(["transformer.transformer_blocks.0.attn1.to_q", "transformer.transformer_blocks.0.attn2.to_k",
+                        "transformer.transformer_blocks.0.ff.net.2"]),
+    "Z-Image": _lora(["diffusion_model.layers.0.attention.to_q", "diffusion_model.layers.0.feed_forward.w1",
+                      "diffusion_model.noise_refiner.0.attention.to_k"]),
+}
+
+
+@pytest.mark.parametrize("label", FAMILY_FILES)
+def test_other_families_are_named_by_inspect(tmp_path, label):
+    from lycotools.ops.inspect import inspect_path
+
+    family = label.split(" ")[0]
+    p = tmp_path / "x.safetensors"
+    save_file(FAMILY_FILES[label], str(p))
+    r = inspect_path(p)
+    assert r["kind"] == "adapter" and r["family"] == family and r["arch"] is None
+    assert any(f"lycotools does not support {family} yet" in n for n in r["notes"])
+    res = _cli("inspect", p)
+    assert res.returncode == 0 and f"for {family} (not supported yet)" in res.stdout, res.stdout
+    assert "unknown model" not in res.stdout
+
+
+def test_other_families_are_refused_by_commands_in_one_line(tmp_path):
+    p = tmp_path / "flux.safetensors"
+    save_file(FAMILY_FILES["Flux.1"], str(p))
+    want = f"{p}: a Flux.1 LoRA; lycotools does not support Flux.1 yet"
+    runs = {
+        "convert": ("convert", p, "--to", "diffusers", "-o", tmp_path / "c.safetensors"),
+        "rank-prune": ("rank-prune", p, "--rank", "1", "-o", tmp_path / "r.safetensors"),
+        "merge --into-adapter": ("merge", "--into-adapter", p, p, "-o", tmp_path / "m.safetensors"),
+        "merge (bake)": ("merge", FIX / "sd1/base.safetensors", p, "-o", tmp_path / "b.safetensors"),
+    }
+    for what, args in runs.items():
+        res = _cli(*args)
+        errs = _error_lines(res.stderr)
+        assert res.returncode == 2 and errs == [f"lycotools: error: {want}"], (what, res.stderr)
+    sd = tmp_path / "sd3.safetensors"
+    save_file(FAMILY_FILES["SD3"], str(sd))
+    res = _cli("convert", sd, "--to", "kohya", "-o", tmp_path / "s.safetensors")
+    assert res.returncode == 2 and _error_lines(res.stderr) == [
+        f"lycotools: error: {sd}: an SD3 LoRA; lycotools does not support SD3 yet"]
+
+
+def test_sd_adapters_are_not_taken_for_other_families():
+    from lycotools.adapter_file import AdapterFile
+    from lycotools.ops.inspect import guess_family
+
+    for p in sorted(AD.glob("*.safetensors")) + [AD / "sd1_peft"]:
+        assert guess_family(AdapterFile.open(p)) is None, p.name
+
+
+# ------------------------------------------------------------------------------------------------
+# #11.6: a folder of PEFT component folders (what convert --to peft writes) is one adapter to inspect
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["sd1_kohya_lora.safetensors", "sdxl_kohya_lora.safetensors"])
+def test_inspect_reads_the_peft_folders_convert_writes(tmp_path, name):
+    from lycotools.ops.inspect import inspect_path
+
+    out = tmp_path / "peft"
+    res = _cli("convert", AD / name, "--to", "peft", "-o", out)
+    assert res.returncode == 0, res.stderr
+    ref = inspect_path(AD / name)
+    r = inspect_path(out)
+    assert r["kind"] == "adapter" and r["arch"] == ref["arch"]
+    assert r["unmatched"] == [] and r["errors"] == []
+    assert r["modules"] == ref["modules"] and r["targets"] == ref["targets"]
+    assert r["components"] == sorted(ref["targets"], key=["unet", "text_encoder", "text_encoder_2"].index)
+    assert r["alpha"] == ref["alpha"] and r["rank"] == ref["rank"]
+    text = _cli("inspect", out).stdout
+    assert "match no weight" not in text and "components: unet, text_encoder" in text, text

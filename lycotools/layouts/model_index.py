@@ -20,6 +20,32 @@ from .adapter_keys import ModuleId, flatten_path
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
+def unflatten_conv_shape(shape, layer_shape) -> tuple | None:
+    """The conv weight shape ``(out, in, kh, kw)`` that a flattened conv ΔW ``(out, in·kh·kw)`` stands for,
+    with the kernel of ``layer_shape`` (the model's layer, or the standard model's); None when ``shape`` is
+    not 2-D, the layer is not a conv, or the kernel does not divide.
+
+    LyCORIS stores LoHa, and LoKr with a decomposed ``w2`` (``lokr_w2_b`` of shape (r, in·k·k), the 2023
+    layout), flattened for convs; so do LoRA files with 2-D factors on 1x1 convs. The output channels come
+    from ``shape``, so a model of another width still gets its own ``in``."""
+    shape, layer_shape = tuple(int(s) for s in shape), tuple(int(s) for s in layer_shape)
+    if len(shape) != 2 or len(layer_shape) < 3:
+        return None
+    kk = 1
+    for k in layer_shape[2:]:
+        kk *= k
+    if shape[1] % kk:
+        return None
+    return (shape[0], shape[1] // kk, *layer_shape[2:])
+
+
+def shape_matches(shape, layer_shape) -> bool:
+    """Whether a ΔW of ``shape`` (as the adapter's factors give it) is exactly a weight of ``layer_shape``:
+    the same shape, or the flattened conv layout of it (``unflatten_conv_shape``)."""
+    shape, layer_shape = tuple(int(s) for s in shape), tuple(int(s) for s in layer_shape)
+    return shape == layer_shape or unflatten_conv_shape(shape, layer_shape) == layer_shape
+
+
 @dataclass(frozen=True)
 class Target:
     component: str

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
+from pathlib import Path
 
 from ..adapter_file import AdapterFile
+from ..errors import BadInput
 from ..io.readers import open_source
 from ..layouts import checkpoint as ckpt
 from ..layouts.embeddings import detect_embedding
-from ..layouts.model_index import ModelIndex
+from ..layouts.model_index import ModelIndex, shape_matches
 
 DTYPE_SHORT = {
     "torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float64": "fp64",
@@ -28,6 +31,9 @@ def short_dtype(dt) -> str:
 
 def inspect_path(path) -> dict:
     """A JSON-able report of one file or folder. Raises ``BadInput`` for unreadable input."""
+    parts = peft_component_folders(path)
+    if parts:
+        return _peft_components_report(path, parts)
     with open_source(path) as src:
         report = {"path": str(path), "container": src.kind}
         emb = detect_embedding(src)
@@ -43,9 +49,37 @@ def inspect_path(path) -> dict:
                 if af.modules:
                     report.update(_adapter_report(af))
                 else:
-                    report.update(kind="unknown", keys=len(src), sample_keys=src.keys()[:5])
+                    report.update(kind="unknown", keys=len(src), sample_keys=src.keys()[:5], family=guess_family(af))
         report["metadata"] = {k: v for k, v in src.metadata.items() if len(v) < 2000}
         return report
+
+
+def peft_component_folders(path) -> list[Path]:
+    """The per-component PEFT folders (``unet/``, ``text_encoder/``...) of a folder that ``convert --to peft``
+    wrote; [] for anything else."""
+    from .convert_adapter import PEFT_COMPONENTS
+
+    p = Path(path)
+    if not p.is_dir() or (p / "adapter_config.json").exists():
+        return []
+    return [p / c for c in PEFT_COMPONENTS if (p / c / "adapter_config.json").exists()]
+
+
+def _peft_components_report(path, parts: list[Path]) -> dict:
+    """One adapter report for a folder of per-component PEFT folders, each part's modules pinned to its
+    component (read as ``convert`` reads it)."""
+    from .convert_adapter import open_adapter
+
+    af = open_adapter(path)
+    try:
+        report = {"path": str(path), "container": "peft-components"}
+        report.update(_adapter_report(af))
+        report["components"] = [q.name for q in parts]
+        report["metadata"] = {k: v for k, v in af.source.metadata.items() if len(v) < 2000}
+        return report
+    finally:
+        for part in getattr(af, "_parts", [af]):
+            part.source.close()
 
 
 def _checkpoint_report(src, info) -> dict:
@@ -85,11 +119,17 @@ def metadata_arch(metadata: dict) -> str | None:
     return None
 
 
-def guess_adapter_arch(af: AdapterFile) -> tuple[str | None, ModelIndex | None, bool]:
+def guess_adapter_arch(af: AdapterFile, *, refuse_other_families: bool = True
+                       ) -> tuple[str | None, ModelIndex | None, bool]:
     """The standard architecture an adapter targets: (arch, index, shapes_match).
 
     Names decide first (how many modules resolve), then whether the shapes are those of the real
-    model, then the ndim of each factor (SD1's 1x1-conv proj_in vs SD2's Linear), then metadata.
+    model (a flattened conv layout counts as the conv's shape), then the ndim of each factor (SD1's
+    1x1-conv proj_in vs SD2's Linear), then metadata.
+
+    When no module is an SD1/SD2/SDXL module and the names are those of another family lycotools
+    does not support yet (Flux.1, SD3, Qwen-Image, Wan...: ``guess_family``), raise ``BadInput``
+    saying so (``UnsupportedFamily``), unless ``refuse_other_families`` is False (inspect).
     """
     hint = metadata_arch(af.source.metadata)
     best, best_score = None, None
@@ -104,7 +144,7 @@ def guess_adapter_arch(af: AdapterFile) -> tuple[str | None, ModelIndex | None, 
             h = lm.module.weight_shape_hint()
             if h is None:
                 continue
-            if tuple(h) == tuple(t.shape):
+            if shape_matches(h, t.shape):
                 shape_ok += 1
             if lm.module.algo == "lora" and "lora_mid.weight" not in lm.module.tensors and len(h) == len(t.shape):
                 ndim_ok += 1  # only plain LoRA keeps the layer's ndim (SD1 1x1-conv proj_in vs SD2 Linear)
@@ -112,8 +152,110 @@ def guess_adapter_arch(af: AdapterFile) -> tuple[str | None, ModelIndex | None, 
         if best_score is None or score > best_score:
             best, best_score = arch, score
     if not best_score or best_score[0] == 0:
+        family = guess_family(af) if refuse_other_families else None
+        if family is not None:
+            raise UnsupportedFamily(af.path, family)
         return hint, None, False
     return best, ModelIndex.template(best), best_score[1] == best_score[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# adapters for model families lycotools does not support yet
+# ------------------------------------------------------------------------------------------------
+
+
+class UnsupportedFamily(BadInput):
+    """An adapter for a model family lycotools does not support (yet): exit 2, one line saying which."""
+
+    def __init__(self, path, family: str):
+        self.family = family
+        super().__init__(path, f"{_a(family)} LoRA; lycotools does not support {family} yet")
+
+
+def _a(word: str) -> str:
+    vowel_sound = word[:1].lower() in "aeiou" or word.startswith(("SD", "LTX"))  # "an SD3", "an LTX-Video"
+    return ("an " if vowel_sound else "a ") + word
+
+
+# Module-path patterns (separators normalised to "_", prefixes such as lora_unet_, lycoris_, transformer.,
+# diffusion_model., base_model.model. removed) that only one family has. Names: transformers.md §1-§9 and the
+# diffusers model classes. Several families share layouts (Flux.1's double blocks and HunyuanVideo's,
+# SD3/Flux/Qwen's add_q_proj): the most specific patterns come first and the family with most hits wins.
+_FAMILY_PATTERNS = (
+    ("Chroma", r"distilled_guidance_layer"),
+    ("Flux.2", r"(double_stream_modulation|single_stream_modulation|to_qkv_mlp_proj|ff_linear_(in|out))"),
+    ("HunyuanVideo", r"(token_refiner|double_blocks_\d+_(img|txt)_(mlp_fc\d|mod_linear|attn_(q|k)_norm))"),
+    ("Flux.1", r"(double_blocks_\d+_(img|txt)_(attn|mlp|mod)|single_blocks_\d+_(linear\d|modulation)"
+               r"|single_transformer_blocks_\d+_)"),
+    ("SD3", r"joint_blocks_\d+_(x|context)_block"),
+    ("Qwen-Image", r"^transformer_blocks_\d+_((img|txt)_(mlp|mod))"),
+    ("Z-Image", r"(^layers_\d+_(attention|feed_forward|adaln)|^(noise|context)_refiner_\d+_)"),
+    ("Wan", r"^blocks_\d+_(self_attn|cross_attn|attn1|attn2|ffn)"),
+    ("LTX-Video", r"^transformer_blocks_\d+_attn[12]_"),
+    ("SD3", r"^transformer_blocks_\d+_(attn_add_[qkv]_proj|attn_to_add_out|ff_context|norm1_context)"),
+    ("DiT", r"^transformer_blocks_\d+_(attn_to_[qkv]|attn_to_out|ff_net|norm1_linear)"),
+)
+_FOREIGN_PREFIXES = ("lora_unet_", "lora_transformer_", "lycoris_", "transformer_", "diffusion_model_",
+                     "model_diffusion_model_", "base_model_model_", "unet_")
+
+
+def _family_path(name: str) -> str:
+    p = name.lower().replace(".", "_")
+    changed = True
+    while changed:
+        changed = False
+        for pre in _FOREIGN_PREFIXES:
+            # "transformer_" is a prefix, "transformer_blocks_" a module path: keep the latter
+            if p.startswith(pre) and not (pre == "transformer_" and re.match(r"transformer_blocks_\d", p)):
+                p, changed = p[len(pre):], True
+    return p
+
+
+def guess_family(af: AdapterFile) -> str | None:
+    """The model family an adapter's module names belong to, when it is one lycotools does not support
+    (Flux.1, Flux.2, Chroma, SD3, Qwen-Image, Z-Image, Wan, HunyuanVideo, LTX-Video); None otherwise.
+
+    A guess from names (and, where names are shared, the hidden width and block count): Flux.1 and
+    Flux.2 share original names (Flux.2-dev is 6144 wide); diffusers-named double-stream blocks
+    (``transformer_blocks.N.attn.to_q``/``add_q_proj``) are SD3 (1536 or 2432 wide), or Flux.1 (3072
+    wide, 19 blocks), HunyuanVideo (20) or Qwen-Image (60)."""
+    names = [lm.name for lm in af.modules] + [k.rsplit(".", 2)[0] for k in af.groups.leftovers]
+    paths = [_family_path(n) for n in names]
+    hits: Counter = Counter()
+    for p in paths:
+        for family, pat in _FAMILY_PATTERNS:
+            if re.search(pat, p):
+                hits[family] += 1
+                break
+    if not hits:
+        return None
+    family = hits.most_common(1)[0][0]
+    width = _hidden_width(af)
+    if family == "Flux.1" and width in (4096, 6144):
+        return "Flux.2"
+    if family in ("SD3", "DiT") and "joint_blocks" not in " ".join(paths):
+        blocks = [int(m.group(1)) for p in paths for m in [re.match(r"transformer_blocks_(\d+)_", p)] if m]
+        last = max(blocks, default=0)
+        if width in (1536, 2432):
+            return "SD3"
+        if last >= 38 or (width == 3072 and last >= 20):
+            return "Qwen-Image"
+        if width == 3072:
+            return "HunyuanVideo" if last == 19 else "Flux.1"
+        return "SD3" if family == "SD3" else "Flux.1"
+    return family
+
+
+def _hidden_width(af: AdapterFile) -> int | None:
+    """The most common input width of the attention q/qkv projections (the model's hidden size)."""
+    widths: Counter = Counter()
+    for lm in af.parsed:
+        p = _family_path(lm.name)
+        if re.search(r"(attn_(to_q|qkv)|attn_add_q_proj|self_attn_q)$", p):
+            h = lm.module.weight_shape_hint()
+            if h is not None and len(h) == 2:
+                widths[int(h[1])] += 1
+    return widths.most_common(1)[0][0] if widths else None
 
 
 def _range(values):
@@ -133,14 +275,49 @@ def _main_dtype(src) -> str | None:
     return counts.most_common(1)[0][0] if counts else None
 
 
+# what inspect calls each algorithm (the "algorithms" counts keep the internal names)
+ALGO_NAMES = {"lora": "LoRA", "lora+dora": "DoRA", "loha": "LoHa", "lokr": "LoKr", "full": "full diff",
+              "norm": "norm", "ia3": "IA3", "oft": "OFT", "boft": "BOFT", "glora": "GLoRA", "adalora": "AdaLoRA"}
+_KEY_STYLES = {
+    "lycoris": "LyCORIS standalone (lycoris_*)",
+    "peft": "PEFT (lora_A/lora_B)",
+    "diffusers": "diffusers (unet.*, text_encoder.*)",
+    "diffusers-legacy": "diffusers legacy (lora.down/up, lora_linear_layer)",
+    "diffusers-attnprocs": "diffusers attn-procs (processor.to_q_lora)",
+    "comfy": "ComfyUI (diffusion_model.*)",
+}
+
+
+def key_style(af: AdapterFile) -> str:
+    """The key naming convention, said apart from the algorithm: kohya's flat names hold LoRA/LoCon for
+    kohya's own networks and LoHa/LoKr/... for LyCORIS, so they are 'kohya/LyCORIS' names."""
+    conv = af.convention
+    if conv == "kohya":
+        prefixes = sorted({m.split("_")[0] + "_" + m.split("_")[1] + "_" for m in af.groups.modules if m.count("_") >= 2},
+                          key=lambda x: (x != "lora_unet_", x))
+        return f"kohya/LyCORIS ({', '.join(p + '*' for p in prefixes)})"
+    return _KEY_STYLES.get(conv, conv)
+
+
+def algorithm_label(algos: dict) -> str:
+    """``LoKr``, ``LoRA + DoRA``...: the algorithms of the file by module count, in readable names."""
+    if not algos:
+        return "none"
+    return " + ".join(ALGO_NAMES.get(a, a) for a, _ in sorted(algos.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def _adapter_report(af: AdapterFile) -> dict:
-    arch, index, shapes_match = guess_adapter_arch(af)
+    arch, index, shapes_match = guess_adapter_arch(af, refuse_other_families=False)
     if index is not None:
         af.resolve(index)
+    family = guess_family(af) if index is None else None
     parsed = af.parsed
     algos = Counter(lm.module.algo + ("+dora" if lm.module.has_dora else "") for lm in parsed)
     targets = Counter(lm.target.component for lm in parsed if lm.target is not None)
     notes = []
+    if family is not None:
+        notes.append(f"module names are those of {_a(family)} model (a guess from the names); lycotools does not "
+                     f"support {family} yet: other commands refuse this file")
     if index is not None and not shapes_match:
         notes.append(f"module names match {arch} but tensor shapes are not those of the standard {arch} model "
                      "(a custom or scaled-down model?)")
@@ -149,6 +326,9 @@ def _adapter_report(af: AdapterFile) -> dict:
     return {
         "kind": "adapter",
         "format": af.convention,
+        "keys": key_style(af),
+        "algorithm": algorithm_label(dict(algos)),
+        "family": family,
         "conventions": dict(af.groups.conventions),
         "arch": arch,
         "algorithms": dict(algos),
@@ -179,9 +359,12 @@ def format_report(r: dict) -> str:
         rank = "-" if not r["rank"] else (f"{r['rank'][0]}" if r["rank"][0] == r["rank"][1] else f"{r['rank'][0]}–{r['rank'][1]}")
         alpha = "-" if not r["alpha"] else (f"{r['alpha'][0]:g}" if r["alpha"][0] == r["alpha"][1] else f"{r['alpha'][0]:g}–{r['alpha'][1]:g}")
         tg = ", ".join(f"{c} {n}" for c, n in r["targets"].items())
-        head = (f"{p}: adapter, {r['format']} format, for {r['arch'] or 'unknown model'}, {r['modules']} modules "
+        target = (f"{r['family']} (not supported yet)" if r.get("family") else r["arch"] or "unknown model")
+        comps = f"; components: {', '.join(r['components'])}" if r.get("components") else ""
+        head = (f"{p}: adapter, keys: {r.get('keys', r['format'])}, algorithm: {r.get('algorithm', '?')}, "
+                f"for {target}, {r['modules']} modules "
                 f"({algos}), rank {rank}, alpha {alpha}, {r['params'] / 1e6:.3f}M params, {r['dtype']}"
-                + (f"; targets: {tg}" if tg else ""))
+                + (f"; targets: {tg}" if tg else "") + comps)
         extra = []
         if r["unmatched"]:
             extra.append(f"  {len(r['unmatched'])} modules match no weight of {r['arch']}: "
@@ -194,6 +377,9 @@ def format_report(r: dict) -> str:
     elif kind == "embedding":
         head = (f"{p}: embedding, {r['format']} format, token {r['token'] or '(none stored)'}, "
                 f"{r['vectors']} vector(s), for {r['target']}")
+    elif r.get("family"):
+        head = (f"{p}: unknown ({r.get('keys', 0)} tensors in no adapter convention lycotools reads; the names are "
+                f"those of {_a(r['family'])} model, which lycotools does not support yet)")
     else:
         head = f"{p}: unknown ({r.get('keys', 0)} tensors; not a checkpoint, adapter or embedding lycotools knows)"
     if kind == "checkpoint" and r.get("notes"):

@@ -35,7 +35,7 @@ from ..io.readers import DiffusersFolderSource, _component_weights, open_source,
 from ..io.writer import SafetensorsWriter, atomic_folder, check_output, check_output_folder
 from ..layouts import checkpoint as ckpt
 from ..layouts.adapter_keys import kohya_module_name
-from ..layouts.model_index import ModelIndex
+from ..layouts.model_index import ModelIndex, unflatten_conv_shape
 from ..layouts.model_view import CheckpointView, SingleFileSource
 from ..linalg import (LayerSpectrum, allocate_budget, exact_svd, layer_seed, lora_cost, parse_budget,
                       svd_of_product, truncated_svd)
@@ -235,12 +235,14 @@ def _module_fits(lm) -> str | None:
 
 
 def _arch_hint(af: AdapterFile) -> str:
+    from .inspect import UnsupportedFamily
+
     try:
         from .inspect import guess_adapter_arch
 
         arch, _, _ = guess_adapter_arch(af)
         return arch
-    except ImportError:
+    except (ImportError, UnsupportedFamily):  # a Flux/SD3/... adapter: say that, not which modules do not fit
         raise
     except Exception:
         return None
@@ -715,10 +717,8 @@ def _group_shape(items, template_shape) -> tuple:
     if template_shape is not None and _numel(template_shape) == n:
         return template_shape
     best = max((h for h, _ in hints), key=len)
-    if len(best) == 2 and template_shape is not None and len(template_shape) == 4:
-        k = template_shape[2] * template_shape[3]
-        if best[1] % k == 0:
-            return (best[0], best[1] // k, *template_shape[2:])
+    if template_shape is not None:
+        return unflatten_conv_shape(best, template_shape) or best
     return best
 
 

@@ -76,7 +76,7 @@ from ..io.metadata import lycotools_record, modelspec, network_metadata
 from ..io.readers import open_source
 from ..io.writer import SafetensorsWriter, check_output
 from ..layouts.adapter_keys import kohya_module_name
-from ..layouts.model_index import ModelIndex
+from ..layouts.model_index import ModelIndex, unflatten_conv_shape
 from ..linalg import SVD, LayerSpectrum, allocate_budget, exact_svd, layer_seed, lora_cost, parse_budget, \
     svd_of_product, truncated_svd
 
@@ -247,10 +247,9 @@ def _weight_shape(lm) -> tuple | None:
         ts = tuple(int(s) for s in t.shape)
         if math.prod(ts) == math.prod(hint) and ts[0] == hint[0]:
             return ts
-        if len(hint) == 2 and len(ts) > 2:  # flattened conv layout on a model of another width
-            kk = math.prod(ts[2:])
-            if hint[1] % kk == 0:
-                return (hint[0], hint[1] // kk, *ts[2:])
+        conv = unflatten_conv_shape(hint, ts)  # flattened conv layout, maybe on a model of another width
+        if conv is not None:
+            return conv
     return hint
 
 
