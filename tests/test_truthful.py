@@ -220,3 +220,34 @@ def test_inspect_reads_the_peft_folders_convert_writes(tmp_path, name):
     assert r["alpha"] == ref["alpha"] and r["rank"] == ref["rank"]
     text = _cli("inspect", out).stdout
     assert "match no weight" not in text and "components: unet, text_encoder" in text, text
+
+
+# ------------------------------------------------------------------------------------------------
+# #11.6: convert of an embedding to kohya keeps the token where inspect reads it back
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["a1111.pt", "diffusers_learned_embeds.safetensors", "kohya.safetensors"])
+def test_embedding_to_kohya_keeps_the_token(tmp_path, name):
+    from lycotools.ops.inspect import inspect_path
+
+    src = FIX / "embeddings" / name
+    before = inspect_path(src)
+    out = tmp_path / "emb.safetensors"
+    res = _cli("convert", src, "--to", "kohya", "-o", out)
+    assert res.returncode == 0, res.stderr
+    after = inspect_path(out)
+    assert after["format"] == "kohya" and after["vectors"] == before["vectors"]
+    # a kohya input stores no token: consumers (and convert) name it after its file
+    assert after["token"] == (before["token"] or src.stem)
+    assert after["token"] in _cli("inspect", out).stdout
+    if before["token"] is None:
+        assert f"none stored; A1111 and ComfyUI name it after the file: {src.stem}" in _cli("inspect", src).stdout
+
+
+def test_sdxl_embedding_token_is_read_back(tmp_path):
+    from lycotools.ops.inspect import inspect_path
+
+    out = tmp_path / "xl.safetensors"
+    assert _cli("convert", FIX / "embeddings/sdxl.safetensors", "--to", "sdxl", "--token", "xl-tok", "-o", out).returncode == 0
+    assert inspect_path(out)["token"] == "xl-tok"

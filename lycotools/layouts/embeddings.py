@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+TOKEN_METADATA = "lycotools.token"  # safetensors metadata key holding the token of a kohya / SDXL embedding
+
 # CLIP widths -> the encoder they belong to
 ENCODER_WIDTHS = {768: "CLIP-L (SD1 / SDXL text_encoder)", 1024: "OpenCLIP-H (SD2)", 1280: "OpenCLIP-G (SDXL text_encoder_2)"}
 
@@ -38,10 +40,13 @@ def detect_embedding(source) -> EmbeddingInfo | None:
         name = source.extras.get("name")
         return EmbeddingInfo("a1111", str(name) if name is not None else None, _rows(shapes[k]),
                              {k: shapes[k][-1]}, {"vectors": k})
+    # kohya's emb_params and the SDXL pair hold no token in their keys: lycotools writes it to the
+    # ``lycotools.token`` metadata (consumers without it name the embedding after the file)
+    meta_token = (getattr(source, "metadata", None) or {}).get(TOKEN_METADATA) or None
     if {"clip_l", "clip_g"} <= set(keys):
         l, g = shapes["clip_l"], shapes["clip_g"]
         if len(l) <= 2 and len(g) <= 2 and _rows(l) == _rows(g):
-            return EmbeddingInfo("sdxl", None, _rows(l), {"clip_l": l[-1], "clip_g": g[-1]},
+            return EmbeddingInfo("sdxl", meta_token, _rows(l), {"clip_l": l[-1], "clip_g": g[-1]},
                                  {"clip_l": "clip_l", "clip_g": "clip_g"})
         return None
     if len(keys) == 1:
@@ -49,7 +54,7 @@ def detect_embedding(source) -> EmbeddingInfo | None:
         shp = shapes[k]
         if len(shp) in (1, 2) and "." not in k:
             fmt = "kohya" if k == "emb_params" else "diffusers"
-            token = None if k == "emb_params" else k
+            token = meta_token if k == "emb_params" else k
             return EmbeddingInfo(fmt, token, _rows(shp), {k: shp[-1]}, {"vectors": k})
     return None
 

@@ -375,7 +375,8 @@ def format_report(r: dict) -> str:
             extra.append(f"  note: {n}")
         return "\n".join([head] + extra)
     elif kind == "embedding":
-        head = (f"{p}: embedding, {r['format']} format, token {r['token'] or '(none stored)'}, "
+        token = r["token"] or f"(none stored; A1111 and ComfyUI name it after the file: {Path(p).stem})"
+        head = (f"{p}: embedding, {r['format']} format, token {token}, "
                 f"{r['vectors']} vector(s), for {r['target']}")
     elif r.get("family"):
         head = (f"{p}: unknown ({r.get('keys', 0)} tensors in no adapter convention lycotools reads; the names are "
