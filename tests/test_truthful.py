@@ -251,3 +251,33 @@ def test_sdxl_embedding_token_is_read_back(tmp_path):
     out = tmp_path / "xl.safetensors"
     assert _cli("convert", FIX / "embeddings/sdxl.safetensors", "--to", "sdxl", "--token", "xl-tok", "-o", out).returncode == 0
     assert inspect_path(out)["token"] == "xl-tok"
+
+
+# ------------------------------------------------------------------------------------------------
+# #11.6: convert on an empty folder is bad input; merge --models ends with a summary like bake's
+# ------------------------------------------------------------------------------------------------
+
+
+def test_convert_of_an_empty_folder_exits_2_like_the_other_commands(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args in (("convert", empty, "--to", "kohya", "-o", tmp_path / "out"),
+                 ("rank-prune", empty, "--rank", "2", "-o", tmp_path / "out2"),
+                 ("inspect", empty)):
+        res = _cli(*args)
+        assert res.returncode == 2 and _error_lines(res.stderr) == [f"lycotools: error: {empty}: no model files found"], \
+            (args[0], res.returncode, res.stderr)
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_models_prints_a_summary(tmp_path):
+    out = tmp_path / "m.safetensors"
+    res = _cli("merge", "--models", FIX / "sd1/base.safetensors", FIX / "sd1/tuned.safetensors", "--alpha", "0.3", "-o", out)
+    assert res.returncode == 0, res.stderr
+    n = len(load_file(str(FIX / "sd1/base.safetensors")))
+    assert f"{out}: weighted-sum merge of 2 sd1 checkpoints (alpha 0.3), {n} tensors, fp32" in res.stderr, res.stderr
+    bake = _cli("merge", FIX / "sd1/base.safetensors", AD / "sd1_kohya_lora.safetensors", "-o", tmp_path / "b.safetensors")
+    assert f"{tmp_path / 'b.safetensors'}: " in bake.stderr  # the line bake ends with, same form
+    quiet = _cli("merge", "--models", "-q", FIX / "sd1/base.safetensors", FIX / "sd1/tuned.safetensors", "-o",
+                 tmp_path / "q.safetensors")
+    assert quiet.returncode == 0 and quiet.stderr == ""

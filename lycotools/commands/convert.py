@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from ..cli_common import batch_options, batch_outputs, common, run_batch
+from ..cli_common import batch_options, batch_outputs, common, err, run_batch
 
 ADAPTER_TARGETS = ("kohya", "lycoris", "peft", "diffusers", "comfy")
 CHECKPOINT_TARGETS = ("diffusers", "single-file")
@@ -78,6 +78,9 @@ def command(inputs, to, output, algo, rank, mode, mode_param, max_rank, base, fo
                           fold_alpha=fold_alpha, drop_unsupported=drop_unsupported, dtype=dtype, prune=prune,
                           config=config, prediction=prediction, token=token, seed=seed, no_date=no_date)
     items, batch = _expand(inputs, expand_inputs)
+    if not items:  # an empty folder or a glob matching nothing: bad input, as in every other command
+        err(f"{' '.join(inputs)}: no model files found")
+        return 2
     if not batch:
         convert_one(items[0], output, opts, overwrite=overwrite, report_path=report, quiet=quiet)
         return 0

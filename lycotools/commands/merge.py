@@ -81,7 +81,9 @@ def command(inputs, output, into_adapter, models, method, rank, conv_rank, budge
         opts = M.ModelMergeOptions(method=m, alpha=a, block_weights=block_weights[0] if block_weights else None,
                                    density=density, drop_rate=drop_rate, seed=seed, dtype=dtype, device=device,
                                    no_date=no_date)
-        M.merge_models(list(inputs), output, opts, overwrite=overwrite, quiet=quiet)
+        out = M.merge_models(list(inputs), output, opts, overwrite=overwrite, quiet=quiet)
+        if not quiet:
+            _models_summary(out, list(inputs), opts)
         return 0
     # bake
     if method is not None:
@@ -112,6 +114,25 @@ def command(inputs, output, into_adapter, models, method, rank, conv_rank, budge
     res = M.bake(checkpoint, specs, output, opts, overwrite=overwrite, quiet=quiet)
     _report(res, quiet)
     return 0
+
+
+def _models_summary(output, inputs, opts):
+    """The closing line of a checkpoint merge, as bake and --into-adapter print theirs."""
+    from ..io.readers import open_source
+    from ..layouts import checkpoint as ckpt
+    from ..ops.inspect import short_dtype
+
+    with open_source(output) as src:
+        arch = ckpt.detect_source(src).arch
+        n = len(src.keys())
+        dtypes = {short_dtype(src.dtype(k)) for k in src.keys() if src.dtype(k).is_floating_point}
+    how = f"alpha {opts.alpha:g}" + (f", block weights {opts.block_weights}" if opts.block_weights else "")
+    if opts.method == "ties":
+        how += f", density {opts.density:g}"
+    elif opts.method == "dare":
+        how += f", drop rate {opts.drop_rate:g}, seed {opts.seed}"
+    click.echo(f"{output}: {opts.method} merge of {len(inputs)} {arch} checkpoints ({how}), {n} tensors, "
+               f"{'/'.join(sorted(dtypes)) or '-'}", err=True)
 
 
 def _report(res, quiet):
