@@ -281,3 +281,43 @@ def test_merge_models_prints_a_summary(tmp_path):
     quiet = _cli("merge", "--models", "-q", FIX / "sd1/base.safetensors", FIX / "sd1/tuned.safetensors", "-o",
                  tmp_path / "q.safetensors")
     assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+# ------------------------------------------------------------------------------------------------
+# #16.4: rank-prune refuses to grow a file unless asked, and says when little energy is kept
+# ------------------------------------------------------------------------------------------------
+
+
+def test_prune_refuses_a_larger_output_unless_allowed(tmp_path):
+    src = AD / "sd1_lokr.safetensors"
+    out = tmp_path / "r2.safetensors"
+    res = _cli("rank-prune", src, "--rank", "2", "-o", out)
+    assert res.returncode == 2 and not out.exists()
+    (line,) = _error_lines(res.stderr)
+    assert line.startswith(f"lycotools: error: {src}: the pruned adapter would be larger than the input: 388 → 1024 parameters")
+    assert "LoKr" in line and "--allow-larger" in line and "51.7% of ΔW's energy" in line
+    res = _cli("rank-prune", src, "--rank", "2", "-o", out, "--allow-larger", "--json")
+    assert res.returncode == 0 and out.exists(), res.stderr
+    warn = [l for l in res.stderr.splitlines() if l.startswith("lycotools: warning:")]
+    assert warn == [f"lycotools: warning: {out}: larger than the input {src.name}: 388 → 1024 parameters, 2.6× the input "
+                    "(its LoKr modules become LoRA factors of r·(out + in) parameters), keeping 51.7% of ΔW's energy"]
+    doc = json.loads(res.stdout)
+    assert doc["params_before"] == 388 and doc["params_after"] == 1024 and len(doc["warnings"]) == 1
+    # a batch refuses that file (exit 2) and writes the others
+    batch = tmp_path / "in"
+    batch.mkdir()
+    for name in ("sd1_lokr.safetensors", "sd1_kohya_lora.safetensors"):
+        (batch / name).write_bytes((AD / name).read_bytes())
+    res = _cli("rank-prune", batch, "--rank", "2", "-o", tmp_path / "out", "-q")
+    assert res.returncode == 2
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["sd1_kohya_lora.safetensors"]
+
+
+def test_prune_warns_when_little_energy_is_kept(tmp_path):
+    out = tmp_path / "r1.safetensors"
+    res = _cli("rank-prune", AD / "sd1_kohya_lora.safetensors", "--rank", "1", "-o", out, "-q")
+    assert res.returncode == 0 and out.exists()
+    assert res.stderr.strip() == (f"lycotools: warning: {out}: keeps only 47.0% of ΔW's energy (under 50%; relative "
+                                  "error 0.73), 2272 → 568 parameters")
+    res = _cli("rank-prune", AD / "sd1_kohya_lora.safetensors", "--rank", "2", "-o", tmp_path / "r2.safetensors", "-q")
+    assert res.returncode == 0 and res.stderr == ""

@@ -30,6 +30,12 @@ uncertainty, β1=β2=0.85, Eq. 9 triplet score) from a few diffusion-loss passes
 images+captions (or --prompts with noise latents) through the --base model.
 
 \b
+An output with more parameters than its input is refused (exit 2) unless --allow-larger: a
+LoKr, LoHa or full module becomes a LoRA of r·(out + in) parameters per layer, often many
+times its Kronecker/Hadamard factors. A file keeping under 50% of ΔW's energy (relative
+error above 0.71) is written with a warning naming it, its sizes and the energy kept.
+
+\b
 Examples:
   lycotools rank-prune my_lora.safetensors -o my_lora_r8.safetensors --rank 8
   lycotools rank-prune my_lora.safetensors -o small.safetensors --budget 0.5 --report r.json --plot r.png
@@ -61,13 +67,15 @@ Examples:
 @click.option("--steps", type=int, default=8, show_default=True, help="Forward/backward passes for --score sensitivity.")
 @click.option("--device", default="cpu", show_default=True, help="Device for --score sensitivity (cpu, cuda).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed (randomized SVDs, timesteps, noise).")
+@click.option("--allow-larger", is_flag=True,
+              help="Write the output even when it has more parameters than the input (refused by default, exit 2).")
 @click.option("--report", default=None, help="Write per-layer rank before/after and energy kept as JSON.")
 @click.option("--plot", default=None, help="Draw rank per layer before/after, grouped by block, as PNG (needs matplotlib).")
 @batch_options()
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @common
 def command(inputs, output, rank, mode, mode_param, budget, score, min_rank, max_rank, dtype, base, calib, prompts,
-            config, steps, device, seed, report, plot, no_date, overwrite, jobs, as_json, debug, quiet):
+            config, steps, device, seed, report, plot, no_date, overwrite, jobs, as_json, debug, quiet, allow_larger):
     import json
     from pathlib import Path
 
@@ -76,7 +84,7 @@ def command(inputs, output, rank, mode, mode_param, budget, score, min_rank, max
 
     opts = PruneOptions(rank=rank, mode=mode, mode_param=mode_param, budget=budget, min_rank=min_rank,
                         max_rank=max_rank, score=score, dtype=dtype, base=base, calib=calib, prompts=tuple(prompts),
-                        config=config, steps=steps, device=device, seed=seed, no_date=no_date)
+                        config=config, steps=steps, device=device, seed=seed, no_date=no_date, allow_larger=allow_larger)
     items, is_batch = expand_inputs(inputs)
     if not items:
         err(f"{' '.join(inputs)}: no model files found")
@@ -85,6 +93,7 @@ def command(inputs, output, rank, mode, mode_param, budget, score, min_rank, max
         res = prune(items[0], output, opts, overwrite=overwrite, report_path=report, plot_path=plot, quiet=quiet)
         if not quiet:
             _summary(res)
+        _warn(res)
         if as_json:
             click.echo(json.dumps(report_doc(res, opts), indent=1))
         return 0
@@ -104,9 +113,15 @@ def command(inputs, output, rank, mode, mode_param, budget, score, min_rank, max
     def work(src, dst):
         rep = str(Path(report).with_name(f"{dst.stem}.json")) if report else None
         png = str(Path(plot).with_name(f"{dst.stem}.png")) if plot else None
-        prune(src, dst, opts, overwrite=overwrite, report_path=rep, plot_path=png, quiet=True)
+        _warn(prune(src, dst, opts, overwrite=overwrite, report_path=rep, plot_path=png, quiet=True))
 
     return run_batch(pairs, work, overwrite=overwrite, jobs=jobs, debug=debug, quiet=quiet, desc="rank-prune")
+
+
+def _warn(res):
+    """A larger output (with --allow-larger) or little of ΔW's energy kept: said even with -q and in batches."""
+    for line in res.warnings:
+        click.echo(f"lycotools: warning: {line}", err=True)
 
 
 def _summary(res):

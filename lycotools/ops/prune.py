@@ -109,6 +109,7 @@ class PruneOptions:
     device: str = "cpu"
     seed: int = 0
     no_date: bool = False
+    allow_larger: bool = False  # write an output with more parameters than the input (refused otherwise)
     allow_nonfinite: bool = False  # modules holding NaN/Inf are copied unpruned (a warning) instead of refused
 
     def __post_init__(self):
@@ -211,6 +212,7 @@ class PruneResult:
     fixed_params: int = 0
     budget: int | None = None
     scores: dict | None = None
+    warnings: list = field(default_factory=list)  # one line each: a larger output, little of ΔW's energy kept
 
     def energy_kept(self) -> float:
         tot = sum(l.svd.total_energy for l in self.layers)
@@ -537,12 +539,37 @@ def prune(path, output, opts: PruneOptions, *, overwrite: bool = False, report_p
     else:
         choose_ranks(layers, opts)
     res.params_after = fixed + sum(l.new_rank * l.cost_per_rank for l in layers)
+    _check_size_and_energy(path, output, res, opts)
     _write(af, path, output, res, passthrough, opts, overwrite)
     if report_path:
         write_report(report_path, res, opts)
     if plot_path:
         plot_ranks(plot_path, res)
     return res
+
+
+LOW_ENERGY = 0.5  # below this fraction of ΔW's energy (Frobenius², whole file) kept, rank-prune warns
+
+
+def _check_size_and_energy(path, output, res: PruneResult, opts: PruneOptions):
+    """Refuse an output larger than the input (in parameters) unless ``allow_larger``; warn when it keeps
+    less than ``LOW_ENERGY`` of ΔW's energy. A LoKr, LoHa or full module becomes a LoRA of rank r costing
+    r·(out + in) parameters, which can be many times the Kronecker or Hadamard factors it replaces."""
+    before, after = res.params_before, res.params_after
+    kept = res.energy_kept()
+    if after > before:
+        names = {"lokr": "LoKr", "loha": "LoHa", "full": "full-diff", "adalora": "AdaLoRA"}
+        algos = sorted({names[l.algo] for l in res.layers if l.algo in names})
+        why = f" (its {'/'.join(algos)} modules become LoRA factors of r·(out + in) parameters)" if algos else ""
+        size = (f"{before} → {after} parameters, {after / max(before, 1):.1f}× the input{why}, "
+                f"keeping {100 * kept:.1f}% of ΔW's energy")
+        if not opts.allow_larger:
+            raise BadInput(path, f"the pruned adapter would be larger than the input: {size}",
+                           hint="choose a lower --rank or a --budget below the input's size, or pass --allow-larger")
+        res.warnings.append(f"{output}: larger than the input {Path(path).name}: {size}")
+    if kept < LOW_ENERGY:
+        res.warnings.append(f"{output}: keeps only {100 * kept:.1f}% of ΔW's energy (under {100 * LOW_ENERGY:.0f}%; "
+                            f"relative error {math.sqrt(max(0.0, 1 - kept)):.2f}), {before} → {after} parameters")
 
 
 def _write(af, path, output, res: PruneResult, passthrough, opts: PruneOptions, overwrite: bool):
@@ -608,6 +635,7 @@ def report_doc(res: PruneResult, opts: PruneOptions) -> dict:
         "dropped": res.dropped,
         "bias_changes_not_stored": res.bias_dropped,
         "not_scored": res.unscored,
+        "warnings": res.warnings,
         "layers": [
             {"name": l.name, "component": l.component, "module": l.module, "block": l.block, "shape": list(l.shape),
              "algo_before": l.algo, "rank_before": l.in_rank, "spectrum_rank": l.useful, "rank_after": l.new_rank,
