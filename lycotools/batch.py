@@ -7,7 +7,9 @@ the others; the run ends with a summary table, and the exit status is the worst 
 
 from __future__ import annotations
 
+import fnmatch
 import glob
+import os
 import sys
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -33,41 +35,115 @@ class ItemResult:
 def expand_inputs(inputs) -> tuple[list[Path], bool]:
     """Files/folders/globs -> model paths. Returns (paths, batch) where batch means a folder or glob was given.
 
-    A path that does not exist is kept, so that its error is reported in its place.
+    Each real file is listed once: a file given twice, a hard link or a symlink to a file already
+    listed is the same work, and running it twice would only write the same output twice (or two
+    outputs of one file). It keeps its first name that is not a symlink (inputs in order, folders
+    and globs sorted), else its first name. A path that does not exist is kept,
+    so that its error is reported in its place.
     """
-    out: list[Path] = []
+    found: list[Path] = []
     batch = len(inputs) > 1
     for raw in inputs:
         p = Path(raw)
         if any(ch in str(raw) for ch in "*?[") and not p.exists():
             batch = True
-            out.extend(Path(m) for m in sorted(glob.glob(str(raw), recursive=True)) if is_model_path(Path(m)))
+            found.extend(m for m in _glob(str(raw)) if is_model_path(m))
         elif p.is_dir() and not is_model_path(p):
             batch = True
-            out.extend(walk_models(p))
+            found.extend(walk_models(p))
         else:
-            out.append(p)
-    return out, batch
+            found.append(p)
+    keys = [_identity(p) or p for p in found]
+    names: dict = {}
+    for key, p in zip(keys, found):
+        names.setdefault(key, []).append(p)
+    chosen = {key: next((p for p in g if not p.is_symlink()), g[0]) for key, g in names.items()}
+    return [p for key, p in zip(keys, found) if chosen[key] is p], batch
+
+
+def _identity(p: Path):
+    """(device, inode) of what ``p`` names, following links; None if it does not exist."""
+    try:
+        st = os.stat(p)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _subdirs(d: Path, root: Path, seen: set) -> list[Path]:
+    """The folders under ``d`` worth entering, sorted; hidden ones are not. A symlinked folder is
+    followed unless it leads somewhere already walked (a loop: a/b -> a) or to a folder holding
+    ``root`` (a link to a parent would walk everything beside the root)."""
+    above = set(root.resolve().parents) | {root.resolve()}
+    out = []
+    for child in sorted(d.iterdir()):
+        if child.name.startswith(".") or not child.is_dir():
+            continue
+        key = _identity(child)
+        if key in seen or (child.is_symlink() and child.resolve() in above):
+            continue
+        seen.add(key)
+        out.append(child)
+    return out
 
 
 def walk_models(folder: Path) -> list[Path]:
-    """Model files and model folders (diffusers, PEFT) under a folder, sorted; model folders are not entered."""
+    """Model files and model folders (diffusers, PEFT) under a folder, sorted; model folders are not
+    entered. Each real folder is entered once, so symlink loops end (see ``_subdirs``)."""
     found: list[Path] = []
+    seen = {_identity(folder)}
 
     def visit(d: Path):
         for child in sorted(d.iterdir()):
-            if child.name.startswith("."):
-                continue
-            if child.is_dir():
-                if is_model_path(child):
-                    found.append(child)
-                else:
-                    visit(child)
-            elif is_model_path(child):
+            if not child.name.startswith(".") and not child.is_dir() and is_model_path(child):
                 found.append(child)
+        for sub in _subdirs(d, folder, seen):
+            if is_model_path(sub):
+                found.append(sub)
+            else:
+                visit(sub)
 
     visit(folder)
-    return found
+    return sorted(found)
+
+
+def _glob(pattern: str) -> list[Path]:
+    """``glob.glob(pattern, recursive=True)``, sorted, without its hang on symlink loops: for ``**``
+    each real folder is entered once (see ``_subdirs``). Like glob, wildcards skip hidden names."""
+    parts = Path(pattern).parts
+    fixed = 0
+    while fixed < len(parts) and not glob.has_magic(parts[fixed]):
+        fixed += 1
+    root = Path(*parts[:fixed]) if fixed else Path()
+    hits: list[Path] = []
+    seen_at: set = set()  # (pattern position, real folder) pairs already expanded
+
+    def match(d: Path, i: int):
+        if i == len(parts):
+            hits.append(d)
+            return
+        part = parts[i]
+        if part == "**":
+            if (i, _identity(d)) in seen_at:
+                return
+            seen_at.add((i, _identity(d)))
+            match(d, i + 1)
+            if i + 1 == len(parts):  # a trailing ** also matches the files
+                hits.extend(c for c in sorted(d.iterdir()) if not c.name.startswith(".") and not c.is_dir())
+            for sub in _subdirs(d, root, set()):
+                match(sub, i)
+        elif not glob.has_magic(part):
+            if (d / part).exists():
+                match(d / part, i + 1)
+        elif d.is_dir():
+            for child in sorted(d.iterdir()):
+                if fnmatch.fnmatch(child.name, part) and (part.startswith(".") or not child.name.startswith(".")):
+                    if i + 1 == len(parts) or child.is_dir():
+                        match(child, i + 1)
+
+    if root.exists():
+        match(root, fixed)
+    return sorted(hits, key=str)
 
 
 def run_items(items: list, fn: Callable, *, desc: str, jobs: int = 1, debug: bool = False,

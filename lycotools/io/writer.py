@@ -12,20 +12,23 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import hashlib
 import os
 import queue
-import threading
 import shutil
+import signal
 import struct
+import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
 
-from ..errors import BadInput
+from ..errors import BadInput, LycoError
 from .safetensors_format import dtype_name, header_bytes, serial_order
 
 HASH_PLACEHOLDER = "0x" + "0" * 64
@@ -60,17 +63,217 @@ def direct_io_ok(folder: Path) -> bool:
     return fstype in _DIRECT_FS
 
 
-def check_output(path, inputs=(), overwrite: bool = False) -> Path:
-    """Validate an output path before any work is done."""
-    path = Path(path)
+TMP_SUFFIX = ".lycotools-tmp"
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+class DiskFull(LycoError):
+    """The disk (or the user's quota) filled up while an output was written: exit status 1, naming
+    the output; the temp file is gone, so nothing was written."""
+
+    def __init__(self, output, err: OSError):
+        super().__init__(output, f"cannot write: {os.strerror(err.errno).lower()}; nothing was written",
+                         hint="free some space, or write the output elsewhere")
+
+
+def _raise_if_full(e: BaseException, output):
+    """Turn a disk-full OSError into ``DiskFull(output)``; other errors are left to the caller."""
+    if isinstance(e, DiskFull) and e.path != str(output):
+        raise DiskFull(output, e.__cause__) from e.__cause__  # a file inside a folder output: name the folder
+    if isinstance(e, OSError) and e.errno in _DISK_FULL:
+        raise DiskFull(output, e) from e
+
+
+# ---- temp files and signals -------------------------------------------------------------------
+# Every temp file or folder is registered the moment it exists and forgotten the moment it is
+# published or removed, so whoever ends the process (the CLI after a signal, or atexit) can remove
+# what is left. In the main thread, where Python runs signal handlers, creating + registering and
+# publishing + recording are held off from signals (``_guarded``): a signal between the two steps
+# would otherwise leave a temp file nobody knows about, or a published output nobody counted.
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP, raised like Ctrl-C so that every ``except BaseException`` cleanup runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _Run:
+    lock = threading.RLock()
+    live: dict[Path, bool] = {}  # temp path -> is a folder
+    written: list[Path] = []  # outputs published since reset()
+    signum: int | None = None  # the first signal caught since reset()
+    held = 0  # main thread: depth of _guarded sections
+    pending: int | None = None  # a signal caught while held, raised when the section ends
+
+
+def _on_signal(signum, frame):
+    """Handler for SIGINT/SIGTERM/SIGHUP (installed by ``catch_signals``); runs in the main thread."""
+    if _Run.signum is None:
+        _Run.signum = signum
+    if _Run.held:
+        _Run.pending = signum
+    else:
+        raise Interrupted(signum)
+
+
+def _check_interrupt():
+    """After a signal no thread starts or publishes an output (-j workers stop at their next write)."""
+    if _Run.signum is not None:
+        raise Interrupted(_Run.signum)
+
+
+@contextlib.contextmanager
+def _guarded():
+    """The registry lock, with signals held off while it is held in the main thread. A signal that
+    came meanwhile is raised when the section ends (unless an exception is already on its way out;
+    then ``_check_interrupt`` raises it at the next write)."""
+    if threading.current_thread() is not threading.main_thread():
+        with _Run.lock:
+            yield
+        return
+    _Run.held += 1
+    try:
+        with _Run.lock:
+            yield
+    finally:
+        _Run.held -= 1
+    if not _Run.held and _Run.pending is not None:
+        signum, _Run.pending = _Run.pending, None
+        raise Interrupted(signum)
+
+
+def _new_temp(dst: Path, folder: bool = False):
+    """A hidden temp file (returns ``(fd, path)``) or folder (returns ``path``) beside ``dst``, registered."""
+    with _guarded():
+        _check_interrupt()
+        kw = dict(prefix=f".{dst.name}.", suffix=TMP_SUFFIX, dir=dst.parent)
+        if folder:
+            tmp = Path(tempfile.mkdtemp(**kw))
+            _Run.live[tmp] = True
+            return tmp
+        fd, tmp = tempfile.mkstemp(**kw)
+        _Run.live[Path(tmp)] = False
+        return fd, Path(tmp)
+
+
+def _discard(tmp: Path):
+    """Remove a temp file or folder and forget it."""
+    if tmp.is_dir() and not tmp.is_symlink():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    with _guarded():
+        _Run.live.pop(tmp, None)
+
+
+def _publish(tmp: Path, dst: Path):
+    """Give the temp file ordinary permissions (mkstemp makes it 0600) and move it into place."""
+    os.chmod(tmp, _umask_mode())
+    with _guarded():
+        _check_interrupt()
+        os.replace(tmp, dst)
+        _Run.live.pop(tmp, None)
+        if not any(p in _Run.live for p in dst.parents):  # not a file of a folder output still being built
+            _Run.written.append(dst)
+
+
+def remove_temps():
+    """Remove every temp file and folder still registered (an interrupted or failed run's)."""
+    with _guarded():
+        for tmp, folder in list(_Run.live.items()):
+            if folder:
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+        _Run.live.clear()
+
+
+atexit.register(remove_temps)  # library use: a KeyboardInterrupt that ends the interpreter
+
+
+@contextlib.contextmanager
+def catch_signals():
+    """For one CLI command: SIGINT, SIGTERM and SIGHUP raise ``Interrupted``, so the writers' cleanup
+    runs instead of the process dying with temp files on disk; on the way out every temp file left is
+    removed. Yields the run's record: ``.signum`` (the first signal) and ``.written`` (published outputs),
+    which say whether "no output was written" is true."""
+    _Run.written, _Run.signum, _Run.pending = [], None, None
+    sigs = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        for s in sigs:
+            old[s] = signal.signal(s, _on_signal)
+    try:
+        yield _Run
+    finally:
+        remove_temps()
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+# ---- output checks ----------------------------------------------------------------------------
+
+
+def clash_checker(inputs):
+    """``input_clash`` for many outputs against one list of inputs (a batch): the inputs are looked at
+    once, then each output costs a few lookups."""
+    same, holds, inside, ids = {}, {}, {}, {}
     for inp in inputs:
+        if inp is None:
+            continue
+        given = Path(inp).absolute()
+        real = given.resolve()
+        for place in (real, given.parent.resolve() / given.name):
+            same.setdefault(place, inp)
+            for parent in place.parents:
+                holds.setdefault(parent, inp)
+        if real.is_dir():
+            inside.setdefault(real, inp)
+        with contextlib.suppress(OSError):
+            st = os.stat(inp)
+            ids.setdefault((st.st_dev, st.st_ino), inp)
+
+    def check(output) -> str | None:
+        out = Path(output).absolute().resolve()
         try:
-            if Path(inp).exists() and path.exists() and os.path.samefile(path, inp):
-                raise BadInput(path, "output would overwrite an input file; choose another output path")
-        except OSError:
-            pass
-        if Path(inp).resolve() == path.resolve():
-            raise BadInput(path, "output would overwrite an input file; choose another output path")
+            st = os.stat(output)
+            inp = ids.get((st.st_dev, st.st_ino))
+        except OSError:  # does not exist yet
+            inp = None
+        inp = same.get(out, inp)
+        if inp is not None:
+            return f"output would overwrite an input ({inp}); choose another output path"
+        if out in holds:
+            return (f"output folder holds the input {holds[out]}, which replacing it would delete; "
+                    "choose another output path")
+        for parent in out.parents:
+            if parent in inside:
+                return f"output is inside the input folder {inside[parent]}; choose a path outside it"
+        return None
+
+    return check
+
+
+def input_clash(output, inputs) -> str | None:
+    """Why writing ``output`` (a file, or a folder that --overwrite replaces whole) would change an
+    input, or None. Compares real locations: symlinks resolved, hard links by device and inode; an
+    input counts both as its real file and as the name it was given (a symlink inside the output
+    folder is deleted with it). Refused: the same file, an output folder holding an input, and an
+    output inside an input folder (a diffusers or PEFT model would gain or lose a file)."""
+    return clash_checker(inputs)(output)
+
+
+def check_output(path, inputs=(), overwrite: bool = False) -> Path:
+    """Validate a file output before any work is done: never an input (see ``input_clash``)."""
+    path = Path(path)
+    why = input_clash(path, inputs)
+    if why:
+        raise BadInput(path, why)
     if path.exists() and not overwrite:
         raise BadInput(path, "output already exists", hint="pass --overwrite to replace it")
     if path.exists() and path.is_dir():
@@ -80,25 +283,44 @@ def check_output(path, inputs=(), overwrite: bool = False) -> Path:
     return path
 
 
+def _proc_umask() -> int | None:
+    """The umask as Linux shows it in /proc (since 4.7), or None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _import_umask() -> int:
+    """The umask at import, where /proc cannot tell: ``os.umask`` reads only by setting, which for a
+    moment gives every thread's new files the wrong mode, so it is done once, before any -j worker."""
+    mask = _proc_umask()
+    if mask is None:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+_UMASK_AT_IMPORT = _import_umask()
+
+
 def _umask_mode(base: int = 0o666) -> int:
-    """``base`` less the process umask: the mode an ordinary open()/mkdir() would give."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return base & ~mask
-
-
-def _publish(tmp: Path, dst: Path):
-    """Give the temp file ordinary permissions (mkstemp makes it 0600) and move it into place."""
-    os.chmod(tmp, _umask_mode())
-    os.replace(tmp, dst)
+    """``base`` less the process umask: the mode an ordinary open()/mkdir() would give. Read from
+    /proc each time (race-free, and current if the program changed it)."""
+    mask = _proc_umask()
+    return base & ~(_UMASK_AT_IMPORT if mask is None else mask)
 
 
 def check_output_folder(path, inputs=(), overwrite: bool = False) -> Path:
-    """Validate a folder output (diffusers, PEFT) before any work is done."""
+    """Validate a folder output (diffusers, PEFT) before any work is done. ``atomic_folder`` replaces
+    an existing output whole, so a folder holding an input is refused (see ``input_clash``)."""
     path = Path(path)
-    for inp in inputs:
-        if Path(inp).resolve() == path.resolve():
-            raise BadInput(path, "output would overwrite an input; choose another output path")
+    why = input_clash(path, inputs)
+    if why:
+        raise BadInput(path, why)
     if path.exists() and not overwrite:
         raise BadInput(path, "output already exists", hint="pass --overwrite to replace it")
     if not path.parent.exists():
@@ -109,19 +331,35 @@ def check_output_folder(path, inputs=(), overwrite: bool = False) -> Path:
 @contextlib.contextmanager
 def atomic_folder(output):
     """Build a folder output in a hidden temp folder beside it; publish it by rename when the block
-    ends cleanly (replacing what was there), remove it on any error: never a half-written folder."""
+    ends cleanly (replacing what was there), remove it on any error: never a half-written folder.
+    The old output is first renamed aside, so it is never gone before the new one is in place.
+    Call ``check_output_folder`` first: this replaces whatever ``output`` holds."""
     output = Path(output)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".lycotools-tmp", dir=output.parent))
+    tmp = _new_temp(output, folder=True)
     try:
         yield tmp
         os.chmod(tmp, _umask_mode(0o777))  # mkdtemp makes it 0700
-        if output.is_dir():
-            shutil.rmtree(output)
-        elif output.exists():
-            output.unlink()
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        old = None
+        with _guarded():
+            _check_interrupt()
+            if output.is_dir() and not output.is_symlink():
+                old = _new_temp(output, folder=True)
+                os.replace(output, old)  # a folder may replace an empty one
+            elif output.exists() or output.is_symlink():
+                output.unlink()
+            try:
+                os.replace(tmp, output)
+            except BaseException:
+                if old is not None:
+                    os.replace(old, output)
+                raise
+            _Run.live.pop(tmp, None)
+            _Run.written.append(output)
+        if old is not None:
+            _discard(old)
+    except BaseException as e:
+        _discard(tmp)
+        _raise_if_full(e, output)
         raise
 
 
@@ -227,14 +465,21 @@ class SafetensorsWriter:
         self.hashes = hashes
         self._entries: dict[str, tuple[str, tuple, int, int]] = {}  # name -> (dtype, shape, spool offset, nbytes)
         self._closed = False
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".lycotools-tmp", dir=self.path.parent)
-        self._tmp = Path(tmp)
-        self._fh = os.fdopen(fd, "w+b")
         self._plan = None
         self._queues: list[queue.Queue] = []  # planned mode: one per worker thread (write, hash)
         self._threads: list[threading.Thread] = []
-        if plan is not None:
-            self._start_planned(plan)
+        self._fh = None
+        fd, self._tmp = _new_temp(self.path)
+        try:
+            self._fh = os.fdopen(fd, "w+b")
+            if plan is not None:
+                self._start_planned(plan)
+        except BaseException as e:  # no __exit__ will run: clean up here
+            if self._fh is None:
+                os.close(fd)
+            self.abort()
+            _raise_if_full(e, self.path)
+            raise
 
     # ---- planned mode: header first, tensors must arrive in serial order -------------------------
     def _start_planned(self, plan):
@@ -334,6 +579,16 @@ class SafetensorsWriter:
     def add(self, name: str, tensor: torch.Tensor):
         if self._closed:
             raise RuntimeError("writer is closed")
+        _check_interrupt()
+        try:
+            self._add(name, tensor)
+        except OSError as e:
+            if e.errno in _DISK_FULL:
+                self.abort()
+                raise DiskFull(self.path, e) from e
+            raise
+
+    def _add(self, name: str, tensor: torch.Tensor):
         data = _tensor_bytes(tensor)
         dt = dtype_name(tensor.dtype)
         shape = tuple(int(s) for s in tensor.shape)
@@ -380,8 +635,9 @@ class SafetensorsWriter:
             os.fsync(self._fh.fileno())
             self._fh.close()
             _publish(self._tmp, self.path)
-        except BaseException:
+        except BaseException as e:
             self.abort()
+            _raise_if_full(e, self.path)
             raise
         self._closed = True
         return self.path
@@ -431,18 +687,22 @@ class SafetensorsWriter:
             meta["sshs_legacy_hash"] = hashlib.sha256(bytes(legacy)).hexdigest()[:8]
         self.metadata = meta
         head = header_bytes(infos, meta)
-        fd, final_tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".lycotools-tmp", dir=self.path.parent)
-        with os.fdopen(fd, "wb") as out:
-            out.write(struct.pack("<Q", len(head)))
-            out.write(head)
-            for _, _, _, soff, nb in entries:
-                for chunk in _read_range(spool, soff, nb):
-                    out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
+        fd, final_tmp = _new_temp(self.path)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(struct.pack("<Q", len(head)))
+                out.write(head)
+                for _, _, _, soff, nb in entries:
+                    for chunk in _read_range(spool, soff, nb):
+                        out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:
+            _discard(final_tmp)
+            raise
         spool.close()
-        os.unlink(self._tmp)
-        self._tmp = Path(final_tmp)
+        _discard(self._tmp)
+        self._tmp = final_tmp
         self._fh = open(self._tmp, "rb")
 
     def abort(self):
@@ -455,10 +715,7 @@ class SafetensorsWriter:
             self._fh.close()
         except Exception:
             pass
-        try:
-            self._tmp.unlink()
-        except FileNotFoundError:
-            pass
+        _discard(self._tmp)
 
     def __enter__(self):
         return self
@@ -500,14 +757,24 @@ def save_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict | None =
     return w.path
 
 
-def copy_file_atomic(src, dst, **kw):
-    dst = check_output(dst, **kw)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".lycotools-tmp", dir=dst.parent)
+@contextlib.contextmanager
+def atomic_file(dst):
+    """A temp path beside ``dst`` for a writer that takes a path (``torch.save``, a copy); published as
+    ``dst`` when the block ends cleanly, removed on any error or signal. Check ``dst`` first."""
+    dst = Path(dst)
+    fd, tmp = _new_temp(dst)
     os.close(fd)
     try:
-        shutil.copyfile(src, tmp)
-        _publish(Path(tmp), dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        yield tmp
+        _publish(tmp, dst)
+    except BaseException as e:
+        _discard(tmp)
+        _raise_if_full(e, dst)
         raise
+
+
+def copy_file_atomic(src, dst, **kw):
+    dst = check_output(dst, **kw)
+    with atomic_file(dst) as tmp:
+        shutil.copyfile(src, tmp)
     return dst

@@ -39,7 +39,7 @@ from ..adapter_file import AdapterFile, LoadedModule
 from ..adapters import lokr as lokr_math
 from ..errors import BadInput
 from ..io.metadata import lycotools_record, modelspec, network_metadata
-from ..io.writer import atomic_folder, check_output, save_tensors
+from ..io.writer import atomic_folder, check_output, check_output_folder, save_tensors
 from ..layouts.adapter_keys import kohya_module_name
 from ..linalg import MODES, kept_energy, layer_seed, spectrum_for_mode
 from . import factorize
@@ -259,7 +259,7 @@ class _Out:
 def convert_adapter(input_path, output, opts: AdapterOptions, *, overwrite: bool = False, report_path=None,
                     quiet: bool = False) -> AdapterResult:
     output = Path(output)
-    _check_output(output, input_path, opts.to, overwrite)
+    _check_output(output, [input_path, opts.base], opts.to, overwrite)
 
     af = open_adapter(input_path)
     if not af.modules:
@@ -348,18 +348,13 @@ def convert_adapter(input_path, output, opts: AdapterOptions, *, overwrite: bool
     return result
 
 
-def _check_output(output: Path, input_path, to: str, overwrite: bool):
+def _check_output(output: Path, inputs, to: str, overwrite: bool):
     if to == "peft":
-        if Path(input_path).resolve() == output.resolve():
-            raise BadInput(output, "output would overwrite the input; choose another output path")
-        if output.exists() and not overwrite:
-            raise BadInput(output, "output already exists", hint="pass --overwrite to replace it")
+        check_output_folder(output, inputs, overwrite)
         if output.exists() and not output.is_dir():
             raise BadInput(output, "--to peft writes a folder, and this path is a file")
-        if not output.parent.exists():
-            raise BadInput(output, f"output folder {output.parent} does not exist")
     else:
-        check_output(output, [input_path], overwrite)
+        check_output(output, inputs, overwrite)
 
 
 def _to_lora(lm, kind, tensors, rec: LayerRecord, opts: AdapterOptions, base_view):

@@ -100,7 +100,7 @@ def _disk_key(comp: str, dkey: str) -> str:
 
 
 def _to_diffusers(view, path: Path, output: Path, opts, overwrite, quiet) -> dict:
-    check_output_folder(output, [path], overwrite)
+    check_output_folder(output, [path, opts.config], overwrite)
     if output.exists() and not output.is_dir():
         raise BadInput(output, "--to diffusers writes a folder, and this path is a file")
     if opts.prune:

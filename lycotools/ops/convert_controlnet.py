@@ -102,7 +102,7 @@ def convert_controlnet(path, output, opts, *, overwrite: bool = False, quiet: bo
 
 
 def _to_diffusers(src, path, output, opts, overwrite, quiet) -> dict:
-    check_output_folder(output, [path], overwrite)
+    check_output_folder(output, [path, opts.config], overwrite)
     shapes = src.shapes()
     extra = ("zero_convs.", "middle_block_out.", "input_hint_block.")
     trunk = {UNET + k[len(CN):]: v for k, v in shapes.items() if k.startswith(CN) and not k[len(CN):].startswith(extra)}

@@ -173,7 +173,7 @@ def _unknown(path, shapes, mapping):
 
 
 def _to_diffusers(src, shapes, path, output, opts, overwrite, quiet) -> dict:
-    check_output_folder(output, [path], overwrite)
+    check_output_folder(output, [path, opts.config], overwrite)
     mapping = original_to_diffusers_keys(shapes)
     _unknown(path, shapes, mapping)
     dshapes = {mapping[k]: tuple(v) for k, v in shapes.items()}
