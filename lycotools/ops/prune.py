@@ -513,7 +513,7 @@ def prune(path, output, opts: PruneOptions, *, overwrite: bool = False, report_p
     opts.check()
     if plot_path:
         require_matplotlib()
-    output = check_output(output, [path], overwrite)
+    output = check_output(output, [path, opts.base, opts.config], overwrite)
     af, arch, layers, passthrough, dropped, in_params = read_layers(path, opts, quiet=quiet)
     if not layers:
         raise BadInput(path, "no module can be pruned (LoRA, LoCon, LoHa, LoKr, full or AdaLoRA expected)")
