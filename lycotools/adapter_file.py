@@ -13,10 +13,19 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+try:  # the regular-expression parser, to vet PEFT patterns before they are matched
+    from re import _constants as _sre, _parser as _sre_parse
+except ImportError:  # Python < 3.11
+    import sre_constants as _sre
+    import sre_parse as _sre_parse
+
 from .adapters import AdapterModule, parse_module
+from .adapters.base import BrokenModule
+from .errors import BadInput
 from .io.readers import Source, open_source
 from .layouts.adapter_keys import KeyGroups, ModuleId, group_keys
 from .layouts.model_index import ModelIndex, Target
@@ -29,6 +38,7 @@ class LoadedModule:
     module: AdapterModule | None = None
     error: str | None = None
     target: Target | None = None
+    broken: bool = False  # a known algorithm with wrong tensors (not merely an algorithm lycotools cannot parse)
 
 
 @dataclass
@@ -71,6 +81,7 @@ class AdapterFile:
     def from_source(cls, src: Source) -> "AdapterFile":
         groups = group_keys(src.keys())
         config = src.config or _diffusers_metadata_config(src.metadata)
+        _check_config(config, src)
         af = cls(source=src, groups=groups, peft_config=config)
         for name, sufs in groups.modules.items():
             mid = groups.ids[name]
@@ -79,10 +90,21 @@ class AdapterFile:
                 tensors = {s: src.get(k) for s, k in sufs.items()}
                 tensors, extra = _normalise(mid, tensors, config)
                 lm.module = parse_module(name, tensors, extra)
-            except ValueError as e:
-                lm.error = str(e)
+            except BrokenModule as e:
+                lm.error, lm.broken = str(e), True
+            except (ValueError, TypeError, ZeroDivisionError) as e:
+                lm.error = str(e).splitlines()[0] if str(e) else e.__class__.__name__
             af.modules.append(lm)
         return af
+
+    def check_fit(self) -> None:
+        """BadInput naming the file and the first module that cannot change the weight it resolved to
+        (sizes stored in the adapter checked against the layer before anything is built from them)."""
+        for lm in self.parsed:
+            if lm.target is not None:
+                why = lm.module.fit_error(lm.target.shape, lm.target.has_bias)
+                if why:
+                    raise BadInput(self.path, f"{lm.name}: {why} ({lm.target.component} {lm.target.module})")
 
     def resolve(self, index: ModelIndex) -> "AdapterFile":
         """Attach each parsed module's target weight in ``index`` (None when it matches nothing)."""
@@ -118,6 +140,96 @@ def _pattern_value(patterns: dict, name: str, default):
         if re.fullmatch(rf"(.*\.)?({pat})", name) or re.match(pat, name) and pat.startswith("^"):
             return val
     return default
+
+
+# PEFT configs carry regular expressions (rank_pattern / alpha_pattern keys) that are matched against every
+# module name: a pattern whose matching can take exponential (or high polynomial) time is refused up front.
+_REPEATS = (_sre.MAX_REPEAT, _sre.MIN_REPEAT) + ((_sre.POSSESSIVE_REPEAT,) if hasattr(_sre, "POSSESSIVE_REPEAT") else ())
+_MAX_UNBOUNDED = 3  # .*a.*b.*c is fine on module names; more free repeats multiply the backtracking
+
+
+def _repeat_risk(items, in_repeat: bool, stats: dict) -> None:
+    for op, av in items:
+        if op in _REPEATS:
+            lo, hi, sub = av
+            if hi > 1:
+                stats["nested"] |= in_repeat
+                stats["unbounded"] += hi == _sre.MAXREPEAT
+            _repeat_risk(sub, in_repeat or hi > 1, stats)
+        elif op == _sre.BRANCH:
+            stats["nested"] |= in_repeat  # alternatives inside a repetition can overlap: (a|a)*
+            for branch in av[1]:
+                _repeat_risk(branch, in_repeat, stats)
+        elif op == _sre.SUBPATTERN:
+            _repeat_risk(av[-1], in_repeat, stats)
+        elif op in (_sre.ASSERT, _sre.ASSERT_NOT):
+            _repeat_risk(av[1], in_repeat, stats)
+        elif op == getattr(_sre, "ATOMIC_GROUP", None):
+            _repeat_risk(av, in_repeat, stats)
+        elif op == _sre.GROUPREF_EXISTS:
+            for branch in av[1:]:
+                if branch is not None:
+                    _repeat_risk(branch, in_repeat, stats)
+
+
+def check_pattern(pat) -> None:
+    """ValueError for a pattern that is not a regular expression or whose matching could take very long
+    (a repetition inside a repetition such as ``(a+)+``, alternatives inside one, or many free repetitions)."""
+    if not isinstance(pat, str) or len(pat) > 1000:
+        raise ValueError(f"pattern {str(pat)[:60]!r} is not a module-name pattern")
+    try:
+        tree = _sre_parse.parse(pat)
+    except re.error as e:
+        raise ValueError(f"pattern {pat!r} is not a regular expression ({e.msg})") from None
+    stats = {"nested": False, "unbounded": 0}
+    _repeat_risk(tree, False, stats)
+    if stats["nested"] or stats["unbounded"] > _MAX_UNBOUNDED:
+        raise ValueError(f"pattern {pat!r} nests repetitions or repeats too freely; matching it against module "
+                         "names could take exponential time")
+
+
+def _check_number(what: str, v, *, integer: bool = False, minimum: float | None = None):
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if ok and integer:
+        ok = float(v).is_integer()
+    if ok and minimum is not None:
+        ok = v >= minimum
+    if not ok:
+        kind = "an integer" if integer else "a finite number"
+        raise ValueError(f"{what} is {v!r}; {kind}{f' ≥ {minimum:g}' if minimum is not None else ''} expected")
+
+
+def _check_config(config: dict | None, src: Source) -> None:
+    """BadInput naming adapter_config.json (or the file whose metadata holds the config) for a config whose
+    numbers or patterns cannot be used: checked once, before any module is read through it."""
+    if not config:
+        return
+    path = Path(src.path)
+    where = path / "adapter_config.json" if path.is_dir() else path
+    parts = config["components"].values() if isinstance(config.get("components"), dict) else [config]
+    try:
+        for cfg in parts:
+            if not isinstance(cfg, dict):
+                raise ValueError(f"{cfg!r} is not a config object")
+            for key in ("r", "init_r"):
+                if cfg.get(key) is not None:
+                    _check_number(key, cfg[key], integer=True, minimum=0)
+            for key in ("lora_alpha", "alpha"):
+                if cfg.get(key) is not None:
+                    _check_number(key, cfg[key])
+            for key in ("rank_pattern", "alpha_pattern"):
+                patterns = cfg.get(key)
+                if patterns is None:
+                    continue
+                if not isinstance(patterns, dict):
+                    raise ValueError(f"{key} is not an object of pattern: value")
+                for pat, val in patterns.items():
+                    check_pattern(pat)
+                    if not (key == "rank_pattern" and isinstance(val, list)):  # AdaLoRA stores rank masks
+                        _check_number(f"{key}[{pat!r}]", val, integer=key == "rank_pattern",
+                                      minimum=1 if key == "rank_pattern" else None)
+    except ValueError as e:
+        raise BadInput(where, f"adapter config: {e}") from None
 
 
 def _config_for(mid: ModuleId, config: dict | None) -> dict | None:

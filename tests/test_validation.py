@@ -190,3 +190,280 @@ def test_library_ratio_checked(tmp_path):
     with pytest.raises(BadInput, match="finite"):
         M.merge_adapters([(str(LORA), float("inf"))], out, M.AdapterMergeOptions(), quiet=True)
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# B. hostile adapter files: exit 2 and one line naming the file, never an internal error
+# ------------------------------------------------------------------------------------------------
+
+Q = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"  # a (32, 32) text-encoder layer in the fixtures
+FC1 = "lora_te_text_model_encoder_layers_1_mlp_fc1"
+
+
+def _edit(src: str, changes: dict):
+    """Fixture ``src`` with tensors replaced (value None deletes the key)."""
+    t = load_file(str(AD / src))
+    for k, v in changes.items():
+        if v is None:
+            t.pop(k)
+        else:
+            t[k] = v
+    return t
+
+
+def _sparse(key, fn):
+    t = load_file(str(AD / "sd1_sparse_bias.safetensors"))
+    return {**t, f"{Q}.{key}": fn(t[f"{Q}.{key}"])}
+
+
+def _indices_out_of_range(i):
+    i = i.clone()
+    i[0, 0] = 1000
+    return i
+
+
+def _indices_negative(i):
+    i = i.long().clone()
+    i[1, 0] = -5
+    return i
+
+
+HOSTILE = {
+    "alpha-2-values": lambda: _edit("sd1_kohya_lora.safetensors", {f"{Q}.alpha": torch.tensor([4.0, 4.0])}),
+    "alpha-3x1": lambda: _edit("sd1_kohya_lora.safetensors", {f"{Q}.alpha": torch.full((3, 1), 4.0)}),
+    "alpha-bool": lambda: _edit("sd1_kohya_lora.safetensors", {f"{Q}.alpha": torch.tensor(True)}),
+    "lora-inner-dims": lambda: _edit("sd1_kohya_lora.safetensors", {f"{Q}.lora_up.weight": torch.randn(32, 3)}),
+    "lora-rank-0": lambda: _edit("sd1_kohya_lora.safetensors", {f"{Q}.lora_up.weight": torch.zeros(32, 0),
+                                                                f"{Q}.lora_down.weight": torch.zeros(0, 32)}),
+    "lora-int-up": lambda: _edit("sd1_kohya_lora.safetensors",
+                                 {f"{Q}.lora_up.weight": torch.ones(32, 4, dtype=torch.int32)}),
+    "lora-bool-down": lambda: _edit("sd1_kohya_lora.safetensors",
+                                    {f"{Q}.lora_down.weight": torch.ones(4, 32, dtype=torch.bool)}),
+    "lora-out-mismatch": lambda: _edit("sd1_kohya_lora.safetensors", {f"{Q}.lora_up.weight": torch.randn(48, 4)}),
+    "loha-w1-mismatch": lambda: _edit("sd1_loha.safetensors", {f"{Q}.hada_w1_a": torch.randn(32, 3)}),
+    "lokr-kron-mismatch": lambda: _edit("sd1_lokr.safetensors", {f"{Q}.lokr_w1": torch.randn(2, 8)}),
+    "lokr-rank-0": lambda: _edit("sd1_lokr.safetensors", {f"{FC1}.lokr_w1_a": torch.zeros(8, 0),
+                                                          f"{FC1}.lokr_w1_b": torch.zeros(0, 4)}),
+    "sparse-index-out-of-range": lambda: _sparse("bias_indices", _indices_out_of_range),
+    "sparse-index-negative": lambda: _sparse("bias_indices", _indices_negative),
+    "sparse-huge-size": lambda: _sparse("bias_size", lambda s: torch.tensor([30000, 30000], dtype=torch.int16)),
+    "sparse-size-3-values": lambda: _sparse("bias_size", lambda s: torch.tensor([32, 32, 1], dtype=torch.int16)),
+    "sparse-values-count": lambda: _sparse("bias_values", lambda v: v[:-1].clone()),
+    "sparse-float-indices": lambda: _sparse("bias_indices", lambda i: i.float()),
+    "full-bias-size": lambda: _edit("sd1_full.safetensors", {f"{FC1}.diff_b": torch.randn(63)}),
+}
+
+
+# consistent in themselves, wrong only against the layer they name (checked where the model is known)
+FITS_ITSELF = {"lora-out-mismatch", "lokr-kron-mismatch"}
+
+
+@pytest.fixture(scope="module")
+def hostile_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hostile")
+    out = {}
+    for name, make in HOSTILE.items():
+        p = d / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in make().items()}, str(p))
+        out[name] = p
+    return out
+
+
+COMMANDS = {
+    "merge": lambda p: ["merge", BASE, p],
+    "convert": lambda p: ["convert", p, "--to", "lycoris", "--base", BASE],
+    "rank-prune": lambda p: ["rank-prune", p, "--rank", "2"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_adapter_refused(case, command, hostile_files, tmp_path):
+    if command == "rank-prune" and case in FITS_ITSELF:
+        pytest.skip("self-consistent; rank-prune works from the module's own shapes (models of other widths)")
+    p = hostile_files[case]
+    out = tmp_path / "out.safetensors"
+    assert_refused(cli(*COMMANDS[command](p), "-o", out, "-q"), out, p)
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_adapter_inspect_no_internal_error(case, hostile_files):
+    res = cli("inspect", hostile_files[case])
+    assert res.exit_code in (0, 2), (res.exit_code, res.output, res.stderr)
+    assert "internal error" not in res.stderr and "Traceback" not in res.stderr
+
+
+def test_into_adapter_refuses_broken_module(hostile_files, tmp_path):
+    out = tmp_path / "out.safetensors"
+    p = hostile_files["lora-inner-dims"]
+    assert_refused(cli("merge", "--into-adapter", p, LORA, "-o", out, "-q"), out, p)
+
+
+def test_sparse_residual_checked_before_allocation():
+    """A hostile bias_size must be refused by the parser, never turned into a (30000, 30000) matrix."""
+    from lycotools.adapters import parse_module
+
+    t = {k.split(".", 1)[1]: v for k, v in HOSTILE["sparse-huge-size"]().items() if k.startswith(Q + ".")}
+    with pytest.raises(ValueError, match="does not match"):
+        parse_module(Q, t)
+
+
+def _peft_with_config(tmp_path, **cfg_changes):
+    import json
+    import shutil
+
+    d = tmp_path / "peft"
+    shutil.copytree(AD / "sd1_peft", d)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg.update(cfg_changes)
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    return d
+
+
+# (\w+\.?)+z against a module path such as down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k backtracks
+# exponentially: minutes with Python's re
+SLOW = r"(\w+\.?)+z"
+
+
+@pytest.mark.parametrize("patterns", [{"alpha_pattern": {SLOW: 8}}, {"rank_pattern": {SLOW: 2}},
+                                      {"alpha_pattern": {"(a+)+$": 8}}, {"alpha_pattern": {"to_(q": 8}},
+                                      {"alpha_pattern": {"to_q": "eight"}}, {"lora_alpha": float("nan")},
+                                      {"r": -4}])
+@pytest.mark.parametrize("command", ["convert", "rank-prune", "merge"])
+def test_peft_config_patterns_refused_fast(patterns, command, tmp_path):
+    d = _peft_with_config(tmp_path, **patterns)
+    out = tmp_path / "out.safetensors"
+    t = time.monotonic()
+    res = cli(*COMMANDS[command](d), "-o", out, "-q")
+    assert time.monotonic() - t < 5
+    assert_refused(res, out, d / "adapter_config.json")
+
+
+def test_peft_plain_patterns_still_work(tmp_path):
+    d = _peft_with_config(tmp_path, alpha_pattern={"down_blocks.*attn1.to_q": 2, "^up_blocks": 4})
+    out = tmp_path / "out.safetensors"
+    res = cli("convert", d, "--to", "kohya", "-o", out, "-q")
+    assert res.exit_code == 0, res.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# C. NaN / Inf never reach an output silently
+# ------------------------------------------------------------------------------------------------
+
+
+def _with_nan(key_suffix="lora_up.weight", value=float("nan"), src="sd1_kohya_lora.safetensors"):
+    t = load_file(str(AD / src))
+    k = f"{Q}.{key_suffix}"
+    v = t[k].clone()
+    v.reshape(-1)[0] = value
+    t[k] = v
+    return t
+
+
+@pytest.fixture(scope="module")
+def nan_lora(tmp_path_factory):
+    p = tmp_path_factory.mktemp("nan") / "nan_lora.safetensors"
+    save_file(_with_nan(), str(p))
+    return p
+
+
+NONFINITE_COMMANDS = {
+    "bake": lambda p: ["merge", BASE, p],
+    "convert": lambda p: ["convert", p, "--to", "diffusers"],
+    "rank-prune": lambda p: ["rank-prune", p, "--rank", "2"],
+    "into-adapter": lambda p: ["merge", "--into-adapter", p, LORA],
+}
+
+
+@pytest.mark.parametrize("command", sorted(NONFINITE_COMMANDS))
+def test_nan_in_adapter_refused(command, nan_lora, tmp_path):
+    out = tmp_path / "out.safetensors"
+    line = assert_refused(cli(*NONFINITE_COMMANDS[command](nan_lora), "-o", out, "-q"), out, nan_lora, Q)
+    assert "NaN" in line and "--allow-nonfinite" in line
+
+
+@pytest.mark.parametrize("command", sorted(NONFINITE_COMMANDS))
+def test_nan_in_adapter_allowed_with_warning(command, nan_lora, tmp_path):
+    out = tmp_path / "out.safetensors"
+    res = cli(*NONFINITE_COMMANDS[command](nan_lora), "-o", out, "-q", "--allow-nonfinite")
+    assert res.exit_code == 0, res.stderr
+    warnings = [l for l in res.stderr.splitlines() if "NaN" in l]
+    assert len(warnings) == 1 and warnings[0].startswith("lycotools: warning: ") and Q in warnings[0]
+    assert out.exists()
+
+
+@pytest.mark.parametrize("args", [["merge", "--into-adapter", "{p}", str(LORA), "--method", "svd", "--rank", "2"],
+                                  ["convert", "{p}", "--to", "kohya", "--algo", "lora", "--rank", "2"]])
+def test_nan_cannot_be_factored_even_when_allowed(args, nan_lora, tmp_path):
+    out = tmp_path / "out.safetensors"
+    res = cli(*[a.format(p=nan_lora) for a in args], "-o", out, "-q", "--allow-nonfinite")
+    assert_refused(res, out, nan_lora, "SVD")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_alpha_refused(value, tmp_path):
+    p = tmp_path / "a.safetensors"
+    save_file(_with_nan("alpha", value), str(p))
+    out = tmp_path / "out.safetensors"
+    assert_refused(cli("merge", BASE, p, "-o", out, "-q"), out, p, f"{Q}.alpha")
+
+
+def test_bake_overflow_refused(tmp_path):
+    """Finite inputs whose sum does not fit the output dtype: the NaN/Inf is made by the merge, refused."""
+    out = tmp_path / "out.safetensors"
+    line = assert_refused(cli("merge", BASE, f"{LORA}:1e30", "--dtype", "fp16", "-o", out, "-q"), out)
+    assert "infinite" in line
+
+
+def _checkpoint_with(tmp_path, name, key_part, value):
+    t = load_file(str(BASE if name.startswith("base") else TUNED))
+    k = next(k for k in sorted(t) if key_part in k and t[k].is_floating_point() and t[k].dim() == 2)
+    v = t[k].clone()
+    v.reshape(-1)[0] = value
+    t[k] = v
+    p = tmp_path / f"{name}.safetensors"
+    save_file(t, str(p))
+    return p, k
+
+
+def test_extract_refuses_inf_in_tuned(tmp_path):
+    tuned, key = _checkpoint_with(tmp_path, "tuned_inf", "attn1.to_q", float("inf"))
+    out = tmp_path / "out.safetensors"
+    assert_refused(cli("extract", BASE, tuned, "-o", out, "-q"), out, tuned)
+
+
+def test_models_merge_refuses_nan_then_allows(tmp_path):
+    tuned, key = _checkpoint_with(tmp_path, "tuned_nan", "attn1.to_q", float("nan"))
+    out = tmp_path / "out.safetensors"
+    assert_refused(cli("merge", "--models", BASE, tuned, "-o", out, "-q"), out, tuned, key)
+    res = cli("merge", "--models", BASE, tuned, "-o", out, "-q", "--allow-nonfinite")
+    assert res.exit_code == 0 and out.exists() and "warning" in res.stderr and key in res.stderr
+
+
+def test_bake_keeps_checkpoint_nan_with_a_warning(tmp_path):
+    """A NaN already in the checkpoint is the user's model: copied as it is (untouched) or warned about
+    (in a tensor an adapter changes), never a refusal."""
+    from lycotools.adapter_file import AdapterFile
+    from lycotools.io.readers import open_source
+    from lycotools.layouts.model_index import ModelIndex
+    from lycotools.ops.merge import plan_adapters, BakeOptions
+    from lycotools.devices import device_of
+
+    src = open_source(BASE)
+    w_edits, _, _, _ = plan_adapters(src, ModelIndex.from_source(src), [(str(LORA), 1.0)], BakeOptions(),
+                                     device_of("cpu"))
+    src.close()
+    touched = sorted(w_edits)[0]
+    t = load_file(str(BASE))
+    untouched = next(k for k in sorted(t) if k not in w_edits and t[k].is_floating_point() and t[k].numel() > 1)
+    for k in (touched, untouched):
+        t[k] = t[k].clone()
+        t[k].reshape(-1)[0] = float("nan")
+    ckpt = tmp_path / "nan_base.safetensors"
+    save_file(t, str(ckpt))
+    out = tmp_path / "out.safetensors"
+    res = cli("merge", ckpt, LORA, "-o", out, "-q")
+    assert res.exit_code == 0, res.stderr
+    assert "already held NaN" in res.stderr and touched in res.stderr
+    got = load_file(str(out))
+    assert torch.isnan(got[untouched]).any() and torch.isnan(got[touched]).any()

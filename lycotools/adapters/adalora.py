@@ -33,10 +33,12 @@ def validate(t, extra=None) -> None:
         raise ValueError(f"lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}, lora_E {tuple(e.shape)} disagree")
     if extra is None or "lora_alpha" not in extra:
         raise ValueError("AdaLoRA needs extra['lora_alpha'] (and 'init_r') from adapter_config.json")
+    if (extra.get("init_r") or 0) < 0:
+        raise ValueError(f"init_r {extra['init_r']} in adapter_config.json is negative")
 
 
 def scale(t, extra) -> float:
-    init_r = extra.get("init_r") or rank(t)
+    init_r = extra.get("init_r") or rank(t) or 1  # rank 0 (pruned to nothing): ΔW is zero whatever the scale
     return float(extra["lora_alpha"]) / float(init_r)
 
 

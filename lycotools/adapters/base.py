@@ -7,6 +7,7 @@ under their canonical LyCORIS suffixes. The math lives in one small module per a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -139,6 +140,32 @@ class AdapterModule:
         """
         return self.impl.weight_shape_hint(self.tensors)
 
+    def fit_error(self, shape, has_bias: bool = False) -> str | None:
+        """Why this module cannot change a weight of ``shape`` (None when it fits): ΔW's size and output
+        axis, a bias change's size, and the per-channel tensors (IA3, OFT, DoRA, GLoRA) are checked against
+        the layer before anything is built from them."""
+        shape = tuple(int(s) for s in shape)
+        numel = math.prod(shape)
+        t = self.tensors
+        hint = self.weight_shape_hint()
+        if hint is not None and (math.prod(hint) != numel or int(hint[0]) != shape[0]):
+            return f"ΔW of shape {list(hint)} does not fit the weight {list(shape)}"
+        if self.impl.ALGO == "ia3":
+            axis = 1 if self.impl.on_input(t) else 0
+            if len(shape) <= axis or t["weight"].numel() != shape[axis]:
+                return f"IA3 weight of {t['weight'].numel()} values does not fit the weight {list(shape)}"
+        if self.impl.ALGO == "oft" and self.impl.out_dim(t) != shape[0]:
+            return f"OFT blocks cover {self.impl.out_dim(t)} output rows, the weight {list(shape)} has {shape[0]}"
+        if self.impl.ALGO == "glora" and (len(shape) < 2 or t["a1.weight"].shape[0] != shape[1]
+                                          or flat(t["a2.weight"]).shape[1] != shape[1]):
+            return f"GLoRA a1/a2 {list(t['a1.weight'].shape)}/{list(t['a2.weight'].shape)} do not fit the weight {list(shape)}"
+        if "dora_scale" in t and t["dora_scale"].numel() not in (shape[0], shape[1] if len(shape) > 1 else -1):
+            return f"dora_scale of {t['dora_scale'].numel()} values fits neither axis of the weight {list(shape)}"
+        bias = t.get("diff_b")
+        if bias is not None and has_bias and bias.numel() != shape[0]:
+            return f"diff_b of {bias.numel()} values does not fit the layer's {shape[0]} outputs"
+        return None
+
     def delta(self, weight_shape=None, base_weight=None) -> torch.Tensor:
         """ΔW in float32, scale applied once, DoRA not applied; reshaped to ``weight_shape`` if given."""
         if weight_shape is None and base_weight is not None:
@@ -172,6 +199,35 @@ class AdapterModule:
         return w, bias32
 
 
+class BrokenModule(ValueError):
+    """A module whose algorithm is known but whose tensors are wrong (shapes, dtypes, sizes, indices)."""
+
+
+_INTEGER_SUFFIXES = ("on_input", "bias_indices", "bias_size")
+
+
+def check_tensors(algo: str, tensors: dict[str, torch.Tensor]) -> None:
+    """What every algorithm needs of its tensors: floating-point factors (integer index tensors, a
+    numeric alpha), a one-element alpha, and no zero-size factor (AdaLoRA, pruned to rank 0, aside)."""
+    for k, v in tensors.items():
+        if not isinstance(v, torch.Tensor):
+            raise ValueError(f"{k} is not a tensor")
+        if k in _INTEGER_SUFFIXES:
+            if v.is_floating_point() or v.is_complex() or (v.dtype == torch.bool and k != "on_input"):
+                raise ValueError(f"{k} is {str(v.dtype).replace('torch.', '')}; an integer tensor is expected")
+            continue
+        if k == "alpha":
+            if v.numel() != 1:
+                raise ValueError(f"alpha has shape {list(v.shape)}; it must be one number")
+            if v.dtype == torch.bool or v.is_complex():
+                raise ValueError(f"alpha is {str(v.dtype).replace('torch.', '')}, not a number")
+            continue
+        if not v.is_floating_point():
+            raise ValueError(f"{k} is {str(v.dtype).replace('torch.', '')}; a floating-point tensor is expected")
+        if v.numel() == 0 and algo != "adalora":
+            raise ValueError(f"{k} has the empty shape {list(v.shape)}")
+
+
 def parse_module(name: str, tensors: dict[str, torch.Tensor], extra: dict | None = None) -> AdapterModule:
     """Detect the algorithm from the suffix set (LyCORIS order) and check the shapes.
 
@@ -192,8 +248,9 @@ def parse_module(name: str, tensors: dict[str, torch.Tensor], extra: dict | None
                 f"(module has {sorted(suffixes)})"
             )
         try:
+            check_tensors(algo, tensors)
             impl.validate(tensors, extra)
-        except ValueError as e:
-            raise ValueError(f"{name}: {algo}: {e}") from None
+        except (ValueError, IndexError) as e:
+            raise BrokenModule(f"{name}: {algo}: {e}") from None
         return AdapterModule(name=name, algo=algo, tensors=dict(tensors), extra=extra)
     raise ValueError(f"{name}: no adapter algorithm matches the suffixes {sorted(suffixes)}")

@@ -48,6 +48,30 @@ def validate(t, extra=None) -> None:
     present = [s for s in SPARSE if s in t]
     if present and len(present) != len(SPARSE):
         raise ValueError(f"sparse residual needs all of {list(SPARSE)}, found {present}")
+    if present:
+        _validate_sparse(t)
+
+
+def _validate_sparse(t) -> None:
+    """The sparse residual's size must be ΔW's own (out, K) and every index inside it: checked before the
+    dense (out, K) matrix is allocated, so a hostile size or index cannot allocate or write out of range."""
+    idx, vals, size = t["bias_indices"], t["bias_values"], t["bias_size"]
+    if size.numel() != 2:
+        raise ValueError(f"bias_size has {size.numel()} values; (out, K) expected")
+    rows, cols = (int(v) for v in _unsigned(size).reshape(-1))
+    hint = weight_shape_hint(t)
+    out, k = int(hint[0]), 1
+    for s in hint[1:]:
+        k *= int(s)
+    if (rows, cols) != (out, k):
+        raise ValueError(f"sparse residual of size {[rows, cols]} does not match ΔW ({out}, {k})")
+    if idx.dim() != 2 or idx.shape[0] != 2 or vals.numel() != idx.shape[1]:
+        raise ValueError(f"bias_indices {list(idx.shape)} and bias_values {list(vals.shape)} disagree "
+                         "((2, n) indices for n values expected)")
+    if idx.numel():
+        u = _unsigned(idx)
+        if int(u[0].max()) >= rows or int(u[1].max()) >= cols or int(idx.min()) < -32768:
+            raise ValueError(f"sparse residual indices fall outside its ({rows}, {cols}) size")
 
 
 def weight_shape_hint(t) -> tuple:
@@ -67,8 +91,9 @@ def sparse_dense(t) -> torch.Tensor | None:
     """The sparse residual as a dense (out, K) float32 matrix (duplicates summed); None if absent."""
     if "bias_values" not in t:
         return None
+    _validate_sparse(t)
     idx = _unsigned(t["bias_indices"])
-    rows, cols = (int(s) for s in _unsigned(t["bias_size"]).reshape(-1)[:2])
+    rows, cols = (int(s) for s in _unsigned(t["bias_size"]).reshape(-1))
     dense = torch.zeros(rows, cols, dtype=torch.float32)
     dense.index_put_((idx[0], idx[1]), f32(t["bias_values"]).reshape(-1), accumulate=True)
     return dense

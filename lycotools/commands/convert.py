@@ -39,6 +39,8 @@ ALL_TARGETS = sorted(set(ADAPTER_TARGETS + CHECKPOINT_TARGETS + EMBEDDING_TARGET
                                                        "instead of refusing the file.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2"]), default=None,
               help="Output dtype of floating-point weights (default: keep; fp16 for --to control-lora).")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Adapters: write tensors holding NaN or Inf as they are, with a warning (default: refuse the input, exit 2).")
 @click.option("--prune", is_flag=True, help="Checkpoints: drop EMA, optimizer state and training-only keys.")
 @click.option("--config", "config", default=None, help="Checkpoints --to diffusers: a diffusers folder whose "
                                                        "configs, tokenizer and scheduler are used.")
@@ -52,7 +54,7 @@ ALL_TARGETS = sorted(set(ADAPTER_TARGETS + CHECKPOINT_TARGETS + EMBEDDING_TARGET
 @batch_options("Files converted at once in batch mode.")
 @common
 def command(inputs, to, output, algo, rank, mode, mode_param, max_rank, base, fold_alpha, drop_unsupported, dtype,
-            prune, config, prediction, token, seed, report, overwrite, no_date, jobs, debug, quiet):
+            allow_nonfinite, prune, config, prediction, token, seed, report, overwrite, no_date, jobs, debug, quiet):
     """Convert adapters, checkpoints and embeddings between formats, losslessly where possible.
 
     What INPUT is (adapter, checkpoint, embedding) is detected; --to picks the format. A conversion that
@@ -76,7 +78,8 @@ def command(inputs, to, output, algo, rank, mode, mode_param, max_rank, base, fo
 
     opts = ConvertOptions(to=to, algo=algo, rank=rank, mode=mode, mode_param=mode_param, max_rank=max_rank, base=base,
                           fold_alpha=fold_alpha, drop_unsupported=drop_unsupported, dtype=dtype, prune=prune,
-                          config=config, prediction=prediction, token=token, seed=seed, no_date=no_date)
+                          config=config, prediction=prediction, token=token, seed=seed, no_date=no_date,
+                          allow_nonfinite=allow_nonfinite)
     items, batch = _expand(inputs, expand_inputs)
     if not items:  # an empty folder or a glob matching nothing: bad input, as in every other command
         err(f"{' '.join(inputs)}: no model files found")

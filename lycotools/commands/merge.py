@@ -31,6 +31,8 @@ from ..errors import BadInput
                    "with --models, per-block alphas.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2"]), default=None,
               help="Output dtype (default: keep the input's; fp16 for --into-adapter).")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Write tensors holding NaN or Inf as they are, with a warning (default: refuse the input, exit 2).")
 @click.option("--allow-partial", is_flag=True, help="Warn about adapter modules that fit nothing instead of failing.")
 @click.option("--each", is_flag=True, help="CHECKPOINT ADAPTER_FOLDER -o OUT_FOLDER: bake each adapter separately.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda for the math.")
@@ -38,7 +40,8 @@ from ..errors import BadInput
 @batch_options("Files processed at once with --each.")
 @common
 def command(inputs, output, into_adapter, models, method, rank, conv_rank, budget, densify, alpha, density, drop_rate,
-            block_weights, dtype, allow_partial, each, device, seed, overwrite, no_date, jobs, debug, quiet):
+            block_weights, dtype, allow_nonfinite, allow_partial, each, device, seed, overwrite, no_date, jobs, debug,
+            quiet):
     """Bake adapters into a checkpoint, merge adapters into one LoRA, or blend checkpoints (streamed).
 
     \b
@@ -63,7 +66,7 @@ def command(inputs, output, into_adapter, models, method, rank, conv_rank, budge
             raise BadInput(None, "--into-adapter needs at least one adapter")
         opts = M.AdapterMergeOptions(method=method or "concat", rank=rank, conv_rank=conv_rank, budget=budget,
                                      densify=densify, dtype=dtype or "fp16", device=device, seed=seed,
-                                     no_date=no_date, allow_partial=allow_partial)
+                                     no_date=no_date, allow_partial=allow_partial, allow_nonfinite=allow_nonfinite)
         res = M.merge_adapters(specs, output, opts, overwrite=overwrite, quiet=quiet)
         if not quiet:
             ranks = sorted(set(res.ranks.values()))
@@ -80,7 +83,7 @@ def command(inputs, output, into_adapter, models, method, rank, conv_rank, budge
             raise BadInput(None, "--block-weights: give one list of per-block alphas for a checkpoint merge")
         opts = M.ModelMergeOptions(method=m, alpha=a, block_weights=block_weights[0] if block_weights else None,
                                    density=density, drop_rate=drop_rate, seed=seed, dtype=dtype, device=device,
-                                   no_date=no_date)
+                                   no_date=no_date, allow_nonfinite=allow_nonfinite)
         out = M.merge_models(list(inputs), output, opts, overwrite=overwrite, quiet=quiet)
         if not quiet:
             _models_summary(out, list(inputs), opts)
@@ -93,7 +96,7 @@ def command(inputs, output, into_adapter, models, method, rank, conv_rank, budge
     checkpoint = inputs[0]
     require_exists(checkpoint)
     opts = M.BakeOptions(dtype=dtype, block_weights=tuple(block_weights), allow_partial=allow_partial,
-                         device=device, no_date=no_date)
+                         device=device, no_date=no_date, allow_nonfinite=allow_nonfinite)
     if each:
         if len(inputs) != 2:
             raise BadInput(None, "--each takes CHECKPOINT ADAPTER_FOLDER")

@@ -67,6 +67,8 @@ Examples:
 @click.option("--steps", type=int, default=8, show_default=True, help="Forward/backward passes for --score sensitivity.")
 @click.option("--device", default="cpu", show_default=True, help="Device for --score sensitivity (cpu, cuda).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed (randomized SVDs, timesteps, noise).")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Copy modules holding NaN or Inf unpruned, with a warning (default: refuse the input, exit 2).")
 @click.option("--allow-larger", is_flag=True,
               help="Write the output even when it has more parameters than the input (refused by default, exit 2).")
 @click.option("--report", default=None, help="Write per-layer rank before/after and energy kept as JSON.")
@@ -75,7 +77,7 @@ Examples:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @common
 def command(inputs, output, rank, mode, mode_param, budget, score, min_rank, max_rank, dtype, base, calib, prompts,
-            config, steps, device, seed, report, plot, no_date, overwrite, jobs, as_json, debug, quiet, allow_larger):
+            config, steps, device, seed, allow_nonfinite, report, plot, no_date, overwrite, jobs, as_json, debug, quiet, allow_larger):
     import json
     from pathlib import Path
 
@@ -84,7 +86,8 @@ def command(inputs, output, rank, mode, mode_param, budget, score, min_rank, max
 
     opts = PruneOptions(rank=rank, mode=mode, mode_param=mode_param, budget=budget, min_rank=min_rank,
                         max_rank=max_rank, score=score, dtype=dtype, base=base, calib=calib, prompts=tuple(prompts),
-                        config=config, steps=steps, device=device, seed=seed, no_date=no_date, allow_larger=allow_larger)
+                        config=config, steps=steps, device=device, seed=seed, no_date=no_date, allow_larger=allow_larger,
+                        allow_nonfinite=allow_nonfinite)
     items, is_batch = expand_inputs(inputs)
     if not items:
         err(f"{' '.join(inputs)}: no model files found")

@@ -228,14 +228,21 @@ def _flatten(obj, path: Path, size: int) -> tuple[dict, dict]:
         if depth >= MAX_NESTING:
             raise BadInput(path, f"not a model: the pickle nests more than {MAX_NESTING} levels deep")
         for k, v in reversed(items):
-            if not isinstance(k, (str, int)):
-                raise BadInput(path, f"not a model: a key of type {type(k).__name__} in the pickle")
-            key = f"{prefix}{k}."
+            key = f"{prefix}{_key_text(path, k)}."
             budget -= len(key)
             if budget < 0:
                 raise BadInput(path, "not a model: the pickle's keys are far longer than the file (shared sub-dicts?)")
             todo.append((v, key, depth + 1))
     return tensors, extras
+
+
+def _key_text(path: Path, k) -> str:
+    """A dict key as text: a string, or an integer of sane size (str() of a 5000-digit one raises)."""
+    if isinstance(k, str):
+        return k
+    if type(k) is int and abs(k) < 10**18:
+        return str(k)
+    raise BadInput(path, f"not a model: a key of type {type(k).__name__} in the pickle")
 
 
 def _nested_deeper(obj, limit: int) -> bool:
@@ -251,6 +258,7 @@ def _check_tensor(path: Path, key: str, t: torch.Tensor, size: int):
     """Tensors lycotools can use: dense, in memory, no bigger than the file. A pickle can also
     rebuild sparse, quantized or meta tensors, or views that repeat a few bytes (stride 0) into
     terabytes that the first ``.float()`` would allocate."""
+    key = key if len(key) <= 80 else key[:77] + "..."
     if t.layout != torch.strided or t.is_quantized or t.is_nested or t.device.type != "cpu":
         kind = "quantized" if t.is_quantized else "nested" if t.is_nested else str(t.layout).removeprefix("torch.")
         raise BadInput(path, f"tensor {key!r} is a {kind if t.device.type == 'cpu' else t.device.type} tensor, which lycotools cannot read")
@@ -272,7 +280,7 @@ class PickleSource(Source):
                 if k != "state_dict" and not isinstance(v, (dict, torch.Tensor)):
                     if _nested_deeper(v, MAX_NESTING):
                         raise BadInput(path, f"not a model: the pickle nests more than {MAX_NESTING} levels deep")
-                    self.extras[str(k)] = v
+                    self.extras[_key_text(self.path, k)] = v
             obj = obj["state_dict"]
         if isinstance(obj, torch.Tensor):
             obj = {"": obj}

@@ -38,6 +38,7 @@ from ..devices import ADAPTER_DTYPES as DTYPES
 from ..adapter_file import AdapterFile, LoadedModule
 from ..adapters import lokr as lokr_math
 from ..errors import BadInput
+from ..finite import HINT, NonFinite
 from ..io.metadata import lycotools_record, modelspec, network_metadata
 from ..io.writer import atomic_folder, check_output, check_output_folder, save_tensors
 from ..layouts.adapter_keys import kohya_module_name
@@ -268,6 +269,8 @@ def convert_adapter(input_path, output, opts: AdapterOptions, *, overwrite: bool
         bad = af.errors[0]
         raise BadInput(input_path, f"{len(af.errors)} module(s) cannot be read: {bad.error}")
     arch, index = _resolve(af, opts, input_path)
+    if opts.base:  # the model the adapter is for (a guessed standard model may differ in width)
+        af.check_fit()
     result = AdapterResult(output=output, target=opts.to, arch=arch)
     if af.unmatched and opts.drop_unsupported:
         for lm in af.unmatched:
@@ -282,6 +285,12 @@ def convert_adapter(input_path, output, opts: AdapterOptions, *, overwrite: bool
         else:
             result.dropped.append((f"{len(af.groups.embeddings)} bundled embedding tensor(s)",
                                    f"{opts.to} files cannot carry bundled embeddings"))
+    keep = opts.algo is None  # values copied as they are; an SVD (--algo lora) cannot factor NaN/Inf
+    tally = NonFinite(opts.allow_nonfinite and keep, hint=HINT if keep else
+                      "an SVD cannot factor it; --allow-nonfinite applies without --algo lora")
+    for lm in af.parsed:
+        if lm.target is not None:
+            tally.check_all(input_path, lm.name, lm.module.tensors)
     base_view = None
     outs: list[_Out] = []
     refused: list[tuple[str, str]] = []
@@ -341,7 +350,11 @@ def convert_adapter(input_path, output, opts: AdapterOptions, *, overwrite: bool
 
     writer = {"kohya": _write_flat, "lycoris": _write_flat, "comfy": _write_flat, "diffusers": _write_diffusers,
               "peft": _write_peft}[opts.to]
+    if not tally.found:
+        for o in outs:
+            tally.check_all(input_path, o.lm.name, o.tensors)
     writer(af, outs, arch, index, output, opts, overwrite, input_path, result)
+    tally.warn()
     result.layers = [o.record for o in outs]
     if report_path:
         Path(report_path).write_text(json.dumps(result.summary(), indent=1, default=str))

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from ..devices import ADAPTER_DTYPES as DTYPES, device_of
 from .. import validate
 from ..errors import BadInput
+from ..finite import NonFinite
 from ..io.metadata import lycotools_record, modelspec, network_metadata
 from ..io.writer import SafetensorsWriter, check_output
 from ..layouts.adapter_keys import kohya_module_name
@@ -229,8 +230,11 @@ def extract(base_path, tuned_path, output, opts: ExtractOptions, *, overwrite: b
             result.changed[comp] = result.changed.get(comp, 0) + 1
             name = kohya_module_name(arch, comp, module, base.ldm_module(comp, module) if comp == "unet" and arch.startswith("sdxl") else None)
             rep = _extract_layer(name, comp, module, kind, delta, bias_delta, opts, allocated, result)
-            for suffix, t in rep[0].items():
-                w.add(f"{name}.{suffix}", t.detach().to("cpu", torch.float32 if suffix == "alpha" else out_dtype).contiguous())
+            out = {s: t.detach().to("cpu", torch.float32 if s == "alpha" else out_dtype).contiguous()
+                   for s, t in rep[0].items()}
+            NonFinite(hint="a wider --dtype (fp32, bf16) holds it").check_all(tuned.path, name, out)
+            for suffix, t in out.items():
+                w.add(f"{name}.{suffix}", t)
             result.layers.append(rep[1])
             result.params += rep[1].params
         bar.close()

@@ -30,6 +30,7 @@ from ..alloc import streaming_threads
 from .. import validate
 from ..devices import ADAPTER_DTYPES, CHECKPOINT_DTYPES as DTYPES, cast_to, device_of
 from ..errors import BadInput
+from ..finite import NonFinite, check_adapter, is_finite
 from ..io.metadata import lycotools_record, modelspec, network_metadata
 from ..io.readers import DiffusersFolderSource, _component_weights, open_source, prefetch
 from ..io.writer import SafetensorsWriter, atomic_folder, check_output, check_output_folder
@@ -220,18 +221,7 @@ def _move(mod: AdapterModule, dev) -> AdapterModule:
 
 
 def _module_fits(lm) -> str | None:
-    hint = lm.module.weight_shape_hint()
-    if hint is None:
-        return None
-    n = 1
-    for s in hint:
-        n *= int(s)
-    m = 1
-    for s in lm.target.shape:
-        m *= int(s)
-    if n != m:
-        return f"shape {tuple(hint)} does not fit the weight {tuple(lm.target.shape)}"
-    return None
+    return lm.module.fit_error(lm.target.shape, lm.target.has_bias)
 
 
 def _arch_hint(af: AdapterFile) -> str:
@@ -248,7 +238,7 @@ def _arch_hint(af: AdapterFile) -> str:
         return None
 
 
-def plan_adapters(src, index: ModelIndex, specs, opts: BakeOptions, dev):
+def plan_adapters(src, index: ModelIndex, specs, opts: BakeOptions, dev, tally: NonFinite | None = None):
     """Resolve each adapter against the checkpoint; return (weight edits, bias edits, result info).
 
     Edits are keyed by the checkpoint's source key; several adapters (and q/k/v thirds) share one key.
@@ -278,6 +268,8 @@ def plan_adapters(src, index: ModelIndex, specs, opts: BakeOptions, dev):
                 bad.append((lm.name, why))
                 continue
             usable.append(lm)
+        for lm in usable:
+            (tally or NonFinite()).check_all(apath, lm.name, lm.module.tensors)
         if not af.modules:
             raise BadInput(apath, "holds no adapter modules (is it an adapter file?)")
         if bad and (not opts.allow_partial or not usable):
@@ -365,13 +357,22 @@ def apply_edits(raw: torch.Tensor, edits: list[_Edit], dev, bias: bool = False) 
     return t
 
 
-def _convert(raw, key, weights_edits, bias_edits, out_dtype, dev):
-    """The output tensor for one key: unchanged bytes where nothing applies and the dtype is kept."""
+def _convert(raw, key, weights_edits, bias_edits, out_dtype, dev, tally: NonFinite):
+    """The output tensor for one key: unchanged bytes where nothing applies and the dtype is kept.
+
+    A changed tensor with NaN/Inf is refused (``tally``) unless the checkpoint's own tensor already held
+    them; untouched tensors are copied as they are, unchecked."""
     target = out_dtype if (out_dtype is not None and raw.is_floating_point()) else raw.dtype
-    if key in weights_edits:
-        return cast_to(apply_edits(raw, weights_edits[key], dev), target), True
-    if key in bias_edits:
-        return cast_to(apply_edits(raw, bias_edits[key], dev, bias=True), target), True
+    edits = weights_edits.get(key) or bias_edits.get(key)
+    if edits:
+        t = cast_to(apply_edits(raw, edits, dev, bias=key not in weights_edits), target)
+        if not is_finite(t):
+            if not is_finite(raw):
+                tally.inherited.append(key)
+            else:
+                mods = ", ".join(m.name for e in edits for m, _ in e.mods)
+                tally.check(None, f"{key} (with {mods})", t)
+        return t, True
     if target == raw.dtype:
         return raw, False
     return cast_to(raw, target), False
@@ -396,7 +397,8 @@ def bake(checkpoint, specs, output, opts: BakeOptions, *, overwrite=False, quiet
             raise BadInput(output, "the output of a merge is a .safetensors file")
         check_output(output, inputs, overwrite)
     index = ModelIndex.from_source(src)
-    w_edits, b_edits, merged, skipped = plan_adapters(src, index, specs, opts, dev)
+    tally = NonFinite(opts.allow_nonfinite)
+    w_edits, b_edits, merged, skipped = plan_adapters(src, index, specs, opts, dev, tally)
     res = BakeResult(output=output, arch=info.arch, modules=merged, skipped=skipped)
 
     names = [Path(checkpoint).name] + [Path(p).name for p, _ in specs]
@@ -417,9 +419,12 @@ def bake(checkpoint, specs, output, opts: BakeOptions, *, overwrite=False, quiet
     meta["lycotools.merge.recipe"] = json.dumps(recipe, sort_keys=True)
 
     if diffusers_out:
-        res.weights_changed = _bake_diffusers(src, output, w_edits, b_edits, out_dtype, dev, meta, overwrite, quiet)
+        res.weights_changed = _bake_diffusers(src, output, w_edits, b_edits, out_dtype, dev, meta, overwrite, quiet,
+                                              tally)
     else:
-        res.weights_changed = _bake_single(src, output, w_edits, b_edits, out_dtype, dev, meta, inputs, overwrite, quiet)
+        res.weights_changed = _bake_single(src, output, w_edits, b_edits, out_dtype, dev, meta, inputs, overwrite, quiet,
+                                           tally)
+    tally.warn()
     src.close()
     return res
 
@@ -434,20 +439,20 @@ def _plan_of(src, keys, out_dtype, name_of=lambda k: k):
     return plan
 
 
-def _bake_single(src, output, w_edits, b_edits, out_dtype, dev, meta, inputs, overwrite, quiet) -> int:
+def _bake_single(src, output, w_edits, b_edits, out_dtype, dev, meta, inputs, overwrite, quiet, tally) -> int:
     changed = 0
     plan = _plan_of(src, src.keys(), out_dtype)
     with SafetensorsWriter(output, meta, inputs=inputs, overwrite=overwrite, plan=plan) as w, streaming_threads():
         for key, raw in tqdm(prefetch(w.expected_order, src.get), total=len(plan), desc=f"merge {output.name}",
                              unit="tensor", file=sys.stderr, disable=quiet, leave=False):
-            t, did = _convert(raw, key, w_edits, b_edits, out_dtype, dev)
+            t, did = _convert(raw, key, w_edits, b_edits, out_dtype, dev, tally)
             changed += did
             w.add(key, t)
     return changed
 
 
 def _bake_diffusers(src: DiffusersFolderSource, output: Path, w_edits, b_edits, out_dtype, dev, meta,
-                    overwrite, quiet) -> int:
+                    overwrite, quiet, tally) -> int:
     """Write a diffusers folder: configs/tokenizers copied, each component's weights rewritten."""
     changed = 0
     with atomic_folder(output) as tmp:
@@ -477,7 +482,7 @@ def _bake_diffusers(src: DiffusersFolderSource, output: Path, w_edits, b_edits, 
                     streaming_threads():
                 for k, raw in tqdm(prefetch(w.expected_order, part.get), total=len(plan), desc=f"merge {comp}",
                                    unit="tensor", file=sys.stderr, disable=quiet, leave=False):
-                    t, did = _convert(raw, canon(k), w_edits, b_edits, out_dtype, dev)
+                    t, did = _convert(raw, canon(k), w_edits, b_edits, out_dtype, dev, tally)
                     changed += did
                     w.add(k, t)
     return changed
@@ -559,6 +564,16 @@ def merge_adapters(specs, output, opts: AdapterMergeOptions, *, overwrite=False,
     for (path, _), af in zip(specs, files):
         if not af.modules:
             raise BadInput(path, "holds no adapter modules (is it an adapter file?)")
+        broken = [lm for lm in af.modules if lm.broken]
+        if broken:
+            raise BadInput(path, f"{len(broken)} module(s) cannot be read: {broken[0].error}")
+    # NaN/Inf factors can be concatenated as they are, never factored by an SVD
+    concat_only = opts.method == "concat" and not opts.densify
+    tally = NonFinite(opts.allow_nonfinite and concat_only,
+                      hint="--allow-nonfinite writes it anyway" if concat_only else
+                      "an SVD cannot factor it; --allow-nonfinite applies to --method concat without --densify")
+    for (path, _), af in zip(specs, files):
+        check_adapter(af, tally, path)
     fast = _kohya_groups(specs, files, opts)
     if fast is not None:
         arch, groups, names, shapes = fast
@@ -613,7 +628,11 @@ def merge_adapters(specs, output, opts: AdapterMergeOptions, *, overwrite=False,
          "rank": opts.rank, "conv_rank": opts.conv_rank, "budget": opts.budget}, sort_keys=True)
     from ..io.writer import save_tensors
 
+    if not tally.found:  # finite inputs: NaN/Inf here is the sum overflowing --dtype
+        for k, v in tensors.items():
+            tally.check(specs[0][0], f"merged {k} (at --dtype {opts.dtype})", v)
     save_tensors(output, tensors, meta, inputs=[p for p, _ in specs], overwrite=overwrite)
+    tally.warn()
     return res
 
 
@@ -794,6 +813,8 @@ class ModelMergeOptions:
     drop_rate: float = 0.9  # DARE: probability of dropping an entry (sd-mecha's probability)
     seed: int = 0
     dtype: str | None = None
+    device: str = "cpu"
+    no_date: bool = False
     allow_nonfinite: bool = False  # write NaN/Inf the inputs hold (a warning) instead of refusing
 
     def __post_init__(self):
@@ -805,8 +826,6 @@ class ModelMergeOptions:
         if self.block_weights is not None:
             block_weight_values(self.block_weights)
         out_dtype_of(self.dtype)
-    device: str = "cpu"
-    no_date: bool = False
 
 
 def _ties(deltas: list[torch.Tensor], k: float) -> torch.Tensor:
@@ -900,6 +919,7 @@ def merge_models(paths, output, opts: ModelMergeOptions, *, overwrite=False, qui
                                                  "density": opts.density, "drop_rate": opts.drop_rate,
                                                  "seed": opts.seed}, sort_keys=True)
     plan = _plan_of(a, a.keys(), out_dtype)
+    tally = NonFinite(opts.allow_nonfinite)
     with SafetensorsWriter(output, meta, inputs=paths, overwrite=overwrite, plan=plan) as w, streaming_threads():
         for key, raws in tqdm(prefetch(w.expected_order, lambda k: [s.get(k) for s in srcs if k in s]), total=len(plan),
                               desc=f"merge {output.name}", unit="tensor", file=sys.stderr, disable=quiet, leave=False):
@@ -922,7 +942,12 @@ def merge_models(paths, output, opts: ModelMergeOptions, *, overwrite=False, qui
                 out = ts[0] + alpha * _ties([t - ts[0] for t in ts[1:]], opts.density)
             else:
                 out = ts[0] + alpha * _dare([t - ts[0] for t in ts[1:]], opts.drop_rate, layer_seed(opts.seed, key))
-            w.add(key, cast_to(out, target))
+            out = cast_to(out, target)
+            if not is_finite(out):
+                culprit = next((p for p, t in zip(paths, raws) if not is_finite(t)), None)
+                tally.check(culprit, f"tensor {key}" + ("" if culprit else " after the merge"), out)
+            w.add(key, out)
     for s in srcs:
         s.close()
+    tally.warn()
     return output

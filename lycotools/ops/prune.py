@@ -72,6 +72,7 @@ from ..adapters.base import f32, flat
 from ..devices import ADAPTER_DTYPES as DTYPES, device_of
 from .. import validate
 from ..errors import BadInput
+from ..finite import NonFinite
 from ..io.metadata import lycotools_record, modelspec, network_metadata
 from ..io.readers import open_source
 from ..io.writer import SafetensorsWriter, check_output
@@ -333,7 +334,10 @@ def read_layers(path, opts: PruneOptions, quiet: bool = True):
     dropped: list[str] = []
     in_params = 0
     mods = af.modules
+    tally = NonFinite(opts.allow_nonfinite)
     for lm in tqdm(mods, desc=f"spectra {Path(path).name}", unit="module", file=sys.stderr, disable=quiet):
+        if lm.broken:  # a known algorithm with wrong tensors: not something to copy through
+            raise BadInput(path, f"module {lm.error}")
         sufs = af.groups.modules[lm.name]
         mod = lm.module
         in_params += sum(af.source.numel(k) if hasattr(af.source, "numel") else af.source.get(k).numel()
@@ -354,9 +358,12 @@ def read_layers(path, opts: PruneOptions, quiet: bool = True):
             if out_name is None or shape is None:
                 dropped.append(lm.name)
                 continue
-            for suf, t in mod.tensors.items():
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    raise BadInput(path, f"module {lm.name}: {suf} contains NaN or infinite values")
+            if not tally.check_all(path, lm.name, mod.tensors):  # --allow-nonfinite: copied unpruned
+                if not keep_names:
+                    raise BadInput(path, f"{lm.name} holds NaN or infinite values and cannot be copied unpruned "
+                                         "under its own name (not a kohya/LyCORIS-named file)")
+                passthrough[lm.name] = {k: af.source.get(k) for k in sufs.values()}
+                continue
             try:
                 svd = _layer_svd(mod, shape, out_name, opts.seed)
             except ValueError as e:
@@ -368,10 +375,12 @@ def read_layers(path, opts: PruneOptions, quiet: bool = True):
                                 tuple(shape), mod.algo, mod.rank, mod.num_params, svd))
         elif keep_names:  # DoRA, IA3, norms, OFT, unparsable: copied as they are
             passthrough[lm.name] = {k: af.source.get(k) for k in sufs.values()}
+            tally.check_all(path, lm.name, {s: passthrough[lm.name][k] for s, k in sufs.items()})
         else:
             dropped.append(lm.name)
     for k in af.groups.embeddings:
         passthrough.setdefault("bundle_emb", {})[k] = af.source.get(k)
+    tally.warn()
     return af, arch, layers, passthrough, dropped, in_params
 
 
@@ -583,9 +592,11 @@ def _write(af, path, output, res: PruneResult, passthrough, opts: PruneOptions, 
         for l in res.layers:
             if l.new_rank <= 0:
                 continue
-            up, down = l.factors(alpha=alpha)
-            w.add(f"{l.name}.lora_up.weight", up.to(dtype).contiguous())
-            w.add(f"{l.name}.lora_down.weight", down.to(dtype).contiguous())
+            up, down = (t.to(dtype).contiguous() for t in l.factors(alpha=alpha))
+            NonFinite(hint="a wider --dtype (fp32, bf16) holds it").check_all(
+                path, l.name, {"lora_up.weight": up, "lora_down.weight": down})
+            w.add(f"{l.name}.lora_up.weight", up)
+            w.add(f"{l.name}.lora_down.weight", down)
             w.add(f"{l.name}.alpha", torch.tensor(alpha, dtype=torch.float32))
         for d in passthrough.values():
             for k, t in d.items():
