@@ -129,18 +129,45 @@ def _extract_summary(res):
             click.echo(f"lycotools: {comp}: no difference from the base ({s['unchanged_layers']} layers unchanged); "
                        "nothing extracted for it", err=True)
         else:
-            ranks = f"rank {s['rank_min']}–{s['rank_max']}" if s["rank_min"] is not None else ""
-            if s["stored_whole"]:
-                ranks += ("; " if ranks else "") + f"{s['stored_whole']} stored whole"
-            click.echo(f"lycotools: {comp}: {s['changed_layers']} layers extracted ({ranks}), "
+            what = []
+            if s["rank_min"] is not None:
+                lo, hi = s["rank_min"], s["rank_max"]
+                what.append(f"rank {lo}" if lo == hi else f"rank {lo}–{hi}")
+            for key, label in (("stored_whole", "stored whole"), ("lokr_whole_blocks", "LoKr, both blocks whole"),
+                               ("norms", "norm layers"), ("no_budget", "left out: no budget")):
+                if s.get(key):
+                    what.append(f"{s[key]} {label}")
+            detail = f" ({'; '.join(what)})" if what else ""
+            click.echo(f"lycotools: {comp}: {s['changed_layers']} layers extracted{detail}, "
                        f"{s['unchanged_layers']} unchanged", err=True)
     errs = [l.rel_error for l in res.layers if l.params]
     worst = max(errs) if errs else 0.0
     click.echo(f"lycotools: wrote {res.output} ({res.params / 1e6:.3f}M params, worst layer relative error {worst:.4f})",
                err=True)
+    _poor_layers_warning(res)
     if res.skipped_bias:
         click.echo(f"lycotools: warning: {res.skipped_bias} bias changes not stored "
                    "(low-rank modules carry no bias; use --algo full --include-norms to keep them)", err=True)
+
+
+def _poor_layers_warning(res):
+    """Name the layers whose ΔW the adapter captures badly (relative error above ops.extract.HIGH_ERROR)."""
+    from .ops.extract import HIGH_ERROR
+
+    poor = res.poor_layers()
+    if not poor:
+        return
+    kinds = {"lokr": "LoKr", "loha": "LoHa", "lora": "LoRA", "tucker": "Tucker"}
+    shown = ", ".join(f"{l.name} (error {l.rel_error:.2f}, {kinds.get(l.kind, l.kind)}"
+                      f"{f' rank {l.rank}' if l.rank else ''})" for l in poor[:5])
+    more = f" and {len(poor) - 5} more" if len(poor) > 5 else ""
+    if any(l.kind == "lokr" for l in poor):
+        hint = ("LoKr is one Kronecker product, which a low-rank ΔW rarely is (a higher --rank stops helping once "
+                "w2 is whole): --algo locon fits such layers")
+    else:
+        hint = "a higher --rank or --budget fits them better"
+    click.echo(f"lycotools: warning: {len(poor)} layer(s) of {res.output} keep less than 75% of their ΔW's energy "
+               f"(relative error above {HIGH_ERROR}): {shown}{more}; {hint} (--report lists every layer)", err=True)
 
 
 def _register():

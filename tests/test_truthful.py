@@ -321,3 +321,58 @@ def test_prune_warns_when_little_energy_is_kept(tmp_path):
                                   "error 0.73), 2272 → 568 parameters")
     res = _cli("rank-prune", AD / "sd1_kohya_lora.safetensors", "--rank", "2", "-o", tmp_path / "r2.safetensors", "-q")
     assert res.returncode == 0 and res.stderr == ""
+
+
+# ------------------------------------------------------------------------------------------------
+# #11.6: extract summaries: no empty "()", badly fitted layers named; --budget pays for real ranks only
+# ------------------------------------------------------------------------------------------------
+
+
+def test_extract_summary_has_no_empty_parentheses_and_names_poor_layers(tmp_path):
+    """SD2 --algo lokr: every layer is a LoKr with both blocks whole (no rank); the optimal single Kronecker
+    product of these random low-rank ΔW leaves errors up to 0.89 (their Kronecker rank is 4-32)."""
+    out = tmp_path / "l.safetensors"
+    res = _cli("extract", FIX / "sd2/base.safetensors", FIX / "sd2/tuned.safetensors", "--algo", "lokr", "-o", out)
+    assert res.returncode == 0, res.stderr
+    assert "()" not in res.stderr, res.stderr
+    assert "lycotools: unet: 9 layers extracted (9 LoKr, both blocks whole), 273 unchanged" in res.stderr
+    (warn,) = [l for l in res.stderr.splitlines() if l.startswith("lycotools: warning:")]
+    assert warn.startswith(f"lycotools: warning: 13 layer(s) of {out} keep less than 75% of their ΔW's energy "
+                           "(relative error above 0.5): lora_te_text_model_encoder_layers_2_mlp_fc1 (error 0.89, LoKr)")
+    assert "--algo locon" in warn
+    ok = _cli("extract", FIX / "sd1/base.safetensors", FIX / "sd1/tuned.safetensors", "--rank", "8", "-o",
+              tmp_path / "ok.safetensors")
+    assert ok.returncode == 0 and "warning" not in ok.stderr and "()" not in ok.stderr
+    assert "lycotools: unet: 8 layers extracted (rank 8; 5 stored whole), 273 unchanged" in ok.stderr, ok.stderr
+
+
+def test_extract_summary_of_a_norm_only_part(tmp_path):
+    from lycotools.ops.extract import ExtractResult, LayerReport
+
+    from lycotools.cli import _extract_summary
+
+    res = ExtractResult(output=tmp_path / "x.safetensors", changed={"unet": 2}, unchanged={"unet": 5},
+                        layers=[LayerReport("a", "unet", "a", (4,), "norm", None, 1.0, 0.0, 8),
+                                LayerReport("b", "unet", "b", (4, 4), "skipped", 0, 0.0, 1.0, 0)])
+    import click.testing
+
+    runner = click.testing.CliRunner()
+    out = runner.invoke(click.command()(lambda: _extract_summary(res)), [])
+    assert "lycotools: unet: 2 layers extracted (1 norm layers; 1 left out: no budget), 5 unchanged" in out.output
+    assert "()" not in out.output
+
+
+def test_extract_budget_gives_each_layer_its_true_rank(tmp_path):
+    """--budget 40MB is more than the whole SD1 fixture: every ΔW comes back exactly, at its true rank (or
+    stored whole where that rank costs as much: the 8x8 proj_in of rank 4), not capped one rank below the
+    whole layer (proj_in got rank 3 at error 0.26) nor padded with rounding-noise triplets (ranks 7-15)."""
+    from lycotools.ops.extract import ExtractOptions, extract
+
+    deltas = json.loads((FIX / "sd1/deltas.json").read_text())
+    res = extract(FIX / "sd1/base.safetensors", FIX / "sd1/tuned.safetensors", tmp_path / "b.safetensors",
+                  ExtractOptions(budget="40MB", dtype="fp32", no_date=True), quiet=True)
+    assert max(l.rel_error for l in res.layers) < 1e-4
+    true = sorted(v["rank"] for v in deltas.values())
+    got = sorted(l.rank if l.rank else min(l.shape[:2]) // 2 for l in res.layers)  # stored whole: 8x8 of rank 4
+    assert got == true, (got, true)
+    assert [l.name for l in res.layers if l.kind == "full"] == ["lora_unet_down_blocks_0_attentions_0_proj_in"]

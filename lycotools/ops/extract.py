@@ -28,6 +28,8 @@ from ..linalg import (MODES, LayerSpectrum, allocate_budget, kept_energy, layer_
 from . import factorize
 
 ALGOS = ("lora", "locon", "loha", "lokr", "full")
+NOISE_RTOL = 1e-5  # --budget: singular values below this fraction of a layer's largest are float noise, never paid for
+HIGH_ERROR = 0.5  # a layer extracted with a relative Frobenius error above this (under 75% of its energy) is named
 PARTS = ("unet", "te", "te1", "te2")
 _TE_SKIP = ("embeddings.",)
 
@@ -119,8 +121,16 @@ class ExtractResult:
                 "rank_min": min(ranks) if ranks else None,
                 "rank_max": max(ranks) if ranks else None,
                 "stored_whole": sum(l.component == comp and l.kind == "full" for l in self.layers),
+                # modules with no rank to show: LoKr with both blocks whole, norms, layers the budget left out
+                "lokr_whole_blocks": sum(l.component == comp and l.kind == "lokr" and not l.rank for l in self.layers),
+                "norms": sum(l.component == comp and l.kind == "norm" for l in self.layers),
+                "no_budget": sum(l.component == comp and l.kind == "skipped" for l in self.layers),
             }
         return out
+
+    def poor_layers(self, threshold: float = HIGH_ERROR) -> list[LayerReport]:
+        """Stored layers whose relative Frobenius error is above ``threshold``, worst first."""
+        return sorted((l for l in self.layers if l.params and l.rel_error > threshold), key=lambda l: -l.rel_error)
 
 
 def _parts_to_components(parts, arch: str) -> set[str]:
@@ -342,8 +352,13 @@ def _allocate(base, tuned, layers, opts: ExtractOptions, dev, quiet) -> dict[str
         total_full += M.numel()
         s = truncated_svd(M, min(cap, min(M.shape)), seed=layer_seed(opts.seed, name))
         per = lora_cost(shape, 1)
-        max_useful = max(0, (M.numel() - 1) // per)
-        spectra.append(LayerSpectrum(name, [float(x) ** 2 for x in s.S.cpu()], per, M.numel(), 0, min(max_useful, cap)))
+        # up to the first rank whose LoRA is no smaller than the layer: a layer the budget takes that far is
+        # stored whole (exact, --full-fallback); capping one rank below left it at that rank's error
+        whole_at = -(-M.numel() // per)
+        S = s.S.cpu()
+        floor = float(S[0]) * NOISE_RTOL if S.numel() else 0.0
+        scores = [float(x) ** 2 for x in S if float(x) > floor]  # no budget spent on rounding noise
+        spectra.append(LayerSpectrum(name, scores, per, M.numel(), 0, min(whole_at, cap)))
     bpp = torch.empty((), dtype=DTYPES[opts.dtype]).element_size()
     try:
         budget = parse_budget(opts.budget, total_full, bpp)
