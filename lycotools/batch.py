@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from .errors import BadInput, LycoError
 from .io.readers import is_model_path
+from .io.writer import check_interrupt
 
 
 @dataclass
@@ -152,6 +153,7 @@ def run_items(items: list, fn: Callable, *, desc: str, jobs: int = 1, debug: boo
 
     def one(item) -> ItemResult:
         name = label(item)
+        check_interrupt()  # -j: after a signal, items still queued do not start
         try:
             value = fn(item)
         except LycoError as e:
@@ -173,10 +175,13 @@ def run_items(items: list, fn: Callable, *, desc: str, jobs: int = 1, debug: boo
     bar = tqdm(total=len(items), desc=desc, unit="file", file=sys.stderr, disable=quiet or len(items) < 2, leave=False)
     results: list[ItemResult] = []
     if jobs > 1 and len(items) > 1:
-        with ThreadPoolExecutor(jobs) as ex:
+        ex = ThreadPoolExecutor(jobs)
+        try:
             for r in ex.map(one, items):
                 results.append(r)
                 bar.update()
+        finally:  # on a signal: wait for the running items (they stop at their next write), start no other
+            ex.shutdown(wait=True, cancel_futures=True)
     else:
         for it in items:
             results.append(one(it))

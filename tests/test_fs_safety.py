@@ -251,6 +251,22 @@ def test_a_signal_at_any_moment_leaves_no_temp_file(tmp_path, sig, to, point):
         assert "interrupted; no output was written" in err and not out.exists()
 
 
+@pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
+def test_a_signal_during_a_parallel_batch(tmp_path, sig):
+    """-j 2: the workers stop at their next write, queued items never start, and the message says
+    whether any output was finished first."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for n in "abcd":
+        shutil.copy(KOHYA, src / f"{n}.safetensors")
+    out = tmp_path / "out"
+    rc, err = _interrupt(tmp_path, ["convert", src, "--to", "diffusers", "-j", "2", "-o", out], "write", sig)
+    assert rc == 128 + sig and not leftovers(tmp_path), err
+    written = sorted(p.name for p in out.iterdir())
+    assert len(written) < 4
+    assert ("no output was written" in err) == (not written), err
+
+
 # ------------------------------------------------------------------------------------------------
 # a full disk: exit 1 naming the output, temp file removed
 # ------------------------------------------------------------------------------------------------

@@ -1,13 +1,14 @@
 """Atomic, streaming safetensors writer with the metadata users' tools read.
 
 * Atomic: bytes go to a hidden temp file beside the target, renamed over it only when complete;
-  an error or an interrupt leaves no partial output.
+  an error or an interrupt leaves no partial output, nor a temp file (under the CLI, SIGTERM and
+  SIGHUP too: ``catch_signals``). A full disk is ``DiskFull``, naming the output.
 * Streaming: each tensor is written to disk when added, so peak memory stays near one tensor.
   The header (which must precede the data) is assembled at the end from a spool file, or written
   first when the caller declares the tensors up front (``plan``), which avoids the extra copy.
 * Same bytes as ``safetensors.torch.save`` for the same tensors and metadata (same tensor order
   and header layout), so ``sshs_model_hash`` / ``sshs_legacy_hash`` agree with kohya's and A1111's.
-* Refuses to overwrite an input, or an existing file unless ``overwrite=True``.
+* Refuses to overwrite an input, or an existing file unless ``overwrite=True`` (``input_clash``).
 """
 
 from __future__ import annotations
@@ -103,8 +104,8 @@ class Interrupted(KeyboardInterrupt):
 class _Run:
     lock = threading.RLock()
     live: dict[Path, bool] = {}  # temp path -> is a folder
-    written: list[Path] = []  # outputs published since reset()
-    signum: int | None = None  # the first signal caught since reset()
+    written: list[Path] = []  # outputs published during this command (catch_signals)
+    signum: int | None = None  # the first signal caught during this command
     held = 0  # main thread: depth of _guarded sections
     pending: int | None = None  # a signal caught while held, raised when the section ends
 
@@ -119,7 +120,7 @@ def _on_signal(signum, frame):
         raise Interrupted(signum)
 
 
-def _check_interrupt():
+def check_interrupt():
     """After a signal no thread starts or publishes an output (-j workers stop at their next write)."""
     if _Run.signum is not None:
         raise Interrupted(_Run.signum)
@@ -129,7 +130,7 @@ def _check_interrupt():
 def _guarded():
     """The registry lock, with signals held off while it is held in the main thread. A signal that
     came meanwhile is raised when the section ends (unless an exception is already on its way out;
-    then ``_check_interrupt`` raises it at the next write)."""
+    then ``check_interrupt`` raises it at the next write)."""
     if threading.current_thread() is not threading.main_thread():
         with _Run.lock:
             yield
@@ -148,7 +149,7 @@ def _guarded():
 def _new_temp(dst: Path, folder: bool = False):
     """A hidden temp file (returns ``(fd, path)``) or folder (returns ``path``) beside ``dst``, registered."""
     with _guarded():
-        _check_interrupt()
+        check_interrupt()
         kw = dict(prefix=f".{dst.name}.", suffix=TMP_SUFFIX, dir=dst.parent)
         if folder:
             tmp = Path(tempfile.mkdtemp(**kw))
@@ -174,7 +175,7 @@ def _publish(tmp: Path, dst: Path):
     """Give the temp file ordinary permissions (mkstemp makes it 0600) and move it into place."""
     os.chmod(tmp, _umask_mode())
     with _guarded():
-        _check_interrupt()
+        check_interrupt()
         os.replace(tmp, dst)
         _Run.live.pop(tmp, None)
         if not any(p in _Run.live for p in dst.parents):  # not a file of a folder output still being built
@@ -214,6 +215,7 @@ def catch_signals():
         remove_temps()
         for s, h in old.items():
             signal.signal(s, h)
+        _Run.signum = _Run.pending = None  # a later command or library call in this process starts afresh
 
 
 # ---- output checks ----------------------------------------------------------------------------
@@ -341,7 +343,7 @@ def atomic_folder(output):
         os.chmod(tmp, _umask_mode(0o777))  # mkdtemp makes it 0700
         old = None
         with _guarded():
-            _check_interrupt()
+            check_interrupt()
             if output.is_dir() and not output.is_symlink():
                 old = _new_temp(output, folder=True)
                 os.replace(output, old)  # a folder may replace an empty one
@@ -579,7 +581,7 @@ class SafetensorsWriter:
     def add(self, name: str, tensor: torch.Tensor):
         if self._closed:
             raise RuntimeError("writer is closed")
-        _check_interrupt()
+        check_interrupt()
         try:
             self._add(name, tensor)
         except OSError as e:
