@@ -4,8 +4,9 @@ Any checkpoint the tensor layer reads (``CheckpointView``: single file, sharded,
 is built into ``UNet2DConditionModel``, ``CLIPTextModel`` / ``CLIPTextModelWithProjection`` and
 ``AutoencoderKL``. Configs come from the diffusers folder itself (``*/config.json``), from ``--config
 FOLDER`` (a diffusers folder holding configs and a tokenizer), or, for a single file whose shapes match
-a standard model, from the configs shipped in ``lycotools/layouts/configs``. Tokenizers come from the
-checkpoint folder or ``--config``/``--tokenizer``: nothing is downloaded.
+a standard model, from the configs shipped in ``lycotools/layouts/configs``. Tokenizers come from
+``--config``/``--tokenizer``, the checkpoint folder or a ``tokenizer/`` folder beside the file, else the CLIP
+tokenizers shipped with lycotools (``layouts.tokenizers``): nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -135,6 +136,16 @@ def _load_tokenizer(comp: str, dirs: list[Path]):
     return None
 
 
+def _shipped_tokenizer(arch: str, comp: str, te):
+    """The CLIP tokenizer shipped with lycotools for this text encoder, or None when its embedding is smaller
+    than the 49408-token vocabulary (a non-standard encoder)."""
+    from ..layouts import tokenizers
+
+    if not tokenizers.fits(getattr(te.config, "vocab_size", None)):
+        return None
+    return tokenizers.clip_tokenizer(tokenizers.kind_for(arch, comp))
+
+
 def load_base(path, config_dir=None, tokenizer_dir=None, *, need_vae=True, v_pred: bool | None = None) -> BaseModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -172,8 +183,11 @@ def load_base(path, config_dir=None, tokenizer_dir=None, *, need_vae=True, v_pre
     for c in tes:
         tok = _load_tokenizer(c, dirs)
         if tok is None:
+            tok = _shipped_tokenizer(view.arch, c, tes[c])
+        if tok is None:
             raise BadInput(path, f"no tokenizer for {c} (looked for {TOKENIZER_DIRS[c]}/vocab.json in "
-                                 f"{', '.join(str(d) for d in dirs)})",
+                                 f"{', '.join(str(d) for d in dirs)}; the shipped CLIP tokenizer's 49408 ids do not "
+                                 f"fit its {tes[c].config.vocab_size}-token embedding)",
                            hint="pass --config DIFFUSERS_FOLDER (or --tokenizer) holding the tokenizer; nothing is downloaded")
         toks[c] = tok
     schedule = dict(SD_SCHEDULE)
