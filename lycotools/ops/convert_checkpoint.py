@@ -4,7 +4,10 @@
   streamed writer per component) and configs: from ``--config FOLDER`` (its tokenizer/scheduler folders and
   ``model_index.json`` are copied too), else the shipped standard configs when the shapes are those of a
   standard model, else configs inferred from the shapes (head counts and norm groups are then guesses,
-  said on stderr). The folder is written beside the target and renamed into place when complete.
+  said on stderr). ``tokenizer/`` (and ``tokenizer_2/``) not copied from ``--config`` are the CLIP tokenizers
+  lycotools ships, for text encoders that embed the 49408 CLIP tokens; ``scheduler/`` and
+  ``model_index.json`` are always written, so ``from_pretrained`` loads the folder as it is. The folder is
+  written beside the target and renamed into place when complete.
 * ``--to single-file``: the ldm/sgm layout through the tensor layer's key maps (OpenCLIP q/k/v joined,
   VAE attention as 1x1 convs, ``text_projection`` transposed), streamed with a planned writer; a single-file
   input is re-saved (pickle -> safetensors, ``--dtype``, ``--prune``).
@@ -44,6 +47,7 @@ WEIGHT_FILES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion
 CLASSES = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
            "text_encoder": ("transformers", "CLIPTextModel"),
            "text_encoder_2": ("transformers", "CLIPTextModelWithProjection")}
+TOKENIZERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
 _KIND = {"unet": "unet", "vae": "vae", "text_encoder": "clip", "text_encoder_2": "clip_proj"}
 
 
@@ -166,13 +170,35 @@ def _pipeline_files(folder: Path, view, comps, config_dir: Path | None, opts):
         mi[comp] = list(CLASSES[comp])
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     mi["scheduler"] = ["diffusers", sched.get("_class_name", "EulerDiscreteScheduler")]
-    for tok, te in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
+    unfit = _shipped_tokenizers(folder, view, comps, copied)
+    for tok, te in TOKENIZERS:
         if te in comps:
             mi[tok] = ["transformers", "CLIPTokenizer"] if tok in copied else [None, None]
     (folder / "model_index.json").write_text(json.dumps(mi, indent=2, sort_keys=True) + "\n")
-    if not any(t in copied for t in ("tokenizer", "tokenizer_2")):
-        click.echo("lycotools: note: no tokenizer written (lycotools downloads nothing); pass --config FOLDER to copy "
-                   "one, or give tokenizer= to from_pretrained", err=True)
+    for tok, te, vocab in unfit:
+        click.echo(f"lycotools: note: no {tok}/ written: {te} embeds {vocab} tokens, not the 49408 of the CLIP tokenizer "
+                   f"lycotools ships; pass --config FOLDER to copy the model's own, or give {tok}= to from_pretrained",
+                   err=True)
+
+
+def _shipped_tokenizers(folder: Path, view, comps, copied: set) -> list[tuple[str, str, int | None]]:
+    """Write the shipped CLIP tokenizer (``layouts.tokenizers``: CLIP-L for SD1 and SDXL's first encoder, OpenCLIP
+    padding for SD2 and SDXL's second) for each text encoder without one from ``--config``, when the encoder's
+    embedding holds the 49408 CLIP tokens. Returns (tokenizer, encoder, vocab size) of the encoders left without."""
+    from ..layouts import tokenizers
+
+    unfit = []
+    for tok, te in TOKENIZERS:
+        if te not in comps or tok in copied:
+            continue
+        emb = next((k for k in comps[te] if k.endswith("embeddings.token_embedding.weight")), None)
+        vocab = int(view.shape(te, emb)[0]) if emb is not None else None
+        if tokenizers.fits(vocab):
+            tokenizers.write_tokenizer_folder(folder / tok, tokenizers.kind_for(view.arch, te))
+            copied.add(tok)
+        else:
+            unfit.append((tok, te, vocab))
+    return unfit
 
 
 def _scheduler(view) -> dict:

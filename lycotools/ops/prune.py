@@ -780,7 +780,14 @@ def build_models(opts: PruneOptions, need_vae: bool, dev: torch.device) -> Calib
     _load_into(unet, comps.get("unet", {}), opts.base, "UNet")
     te = CLIPTextModel(CLIPTextConfig.from_pretrained(str(_sub(folder, "text_encoder"))))
     _load_into(te, comps.get("text_encoder", {}), opts.base, "text encoder", strip_text_model=True)
-    tok = CLIPTokenizer.from_pretrained(str(_sub(folder, "tokenizer")))
+    if (folder / "tokenizer").is_dir():
+        tok = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+    else:  # the CLIP tokenizer shipped with lycotools, when the encoder embeds its 49408 tokens
+        from ..layouts import tokenizers
+
+        if not tokenizers.fits(te.config.vocab_size):
+            _sub(folder, "tokenizer")  # the "--config folder has no tokenizer/" error
+        tok = tokenizers.clip_tokenizer(tokenizers.kind_for(info.arch, "text_encoder"))
     vae = None
     if need_vae:
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(_sub(folder, "vae"))))
