@@ -298,3 +298,25 @@ def test_rank_prune_sensitivity_uses_shipped_tokenizer(tmp_path):
     run("rank-prune", FIX / "adapters" / "sd1_kohya_lora.safetensors", "-o", out, "--budget", "0.5",
         "--score", "sensitivity", "--base", src, "--config", cfg, "--prompts", "a cat!", "--steps", "1", "-q")
     assert out.exists()
+
+
+@pytest.mark.parametrize("marker", ["key", "modelspec"])
+def test_single_file_v_prediction_marker(tmp_path, marker):
+    """A single file that says it is v-prediction (a ``v_pred`` key, or ``modelspec.prediction_type``) trains
+    as v-prediction without a scheduler config; --eps-pred still overrides."""
+    from lycotools.train.model import load_base
+
+    sd = load_file(FIX / "sd1" / "base.safetensors")
+    meta = {"format": "pt"}
+    if marker == "key":
+        sd["v_pred"] = torch.tensor([])
+    else:
+        meta["modelspec.prediction_type"] = "v"
+    (tmp_path / "m").mkdir()
+    src = tmp_path / "m" / "v.safetensors"
+    save_file(sd, str(src), metadata=meta)
+    cfg = tmp_path / "cfg"
+    shutil.copytree(FIX / "sd1" / "diffusers", cfg, ignore=shutil.ignore_patterns("scheduler"))
+    assert load_base(src, cfg, need_vae=False).prediction_type == "v_prediction"
+    assert load_base(src, cfg, need_vae=False, v_pred=False).prediction_type == "epsilon"
+    assert load_base(FIX / "sd1" / "base.safetensors", cfg, need_vae=False).prediction_type == "epsilon"

@@ -199,6 +199,8 @@ def load_base(path, config_dir=None, tokenizer_dir=None, *, need_vae=True, v_pre
             if k in sc:
                 schedule[k] = sc[k]
         pred = sc.get("prediction_type", pred) or pred
+    elif getattr(view.info, "prediction", None) == "v":  # a single file's v_pred key or modelspec.prediction_type
+        pred = "v_prediction"
     if v_pred is not None:
         pred = "v_prediction" if v_pred else "epsilon"
     for m in (unet, vae, *tes.values()):
