@@ -85,9 +85,10 @@ def batch_outputs(inputs, output, suffix=".safetensors"):
     one output per input whatever their names:
 
     * ``<stem><suffix>`` (a model folder: ``<name><suffix>``);
-    * inputs of one folder sharing a stem keep their extension: diffusers training leaves
-      ``w.bin`` and ``w.safetensors`` side by side, written as ``w.bin.safetensors`` and
-      ``w.safetensors.safetensors``;
+    * inputs of one folder sharing a stem keep their extension after an underscore: diffusers
+      training leaves ``w.bin`` and ``w.safetensors`` side by side, written as ``w_bin.safetensors``
+      and ``w_safetensors.safetensors`` (not ``w.bin.safetensors``: a folder output, --to peft, would
+      then be ``w.bin``, a name that looks like a file and loses its "extension" to ``with_suffix``);
     * a name still shared by inputs of different folders gets their folder, relative to the folder
       they share, in front: ``a/x.safetensors`` and ``b/x.safetensors`` -> ``a__x.safetensors`` and
       ``b__x.safetensors``.
@@ -111,7 +112,8 @@ def batch_outputs(inputs, output, suffix=".safetensors"):
         return g
 
     by_stem = groups(lambda p: (folder[p], stem(p).casefold()))
-    leaf = {p: p.name if len(by_stem[(folder[p], stem(p).casefold())]) > 1 else stem(p) for p in inputs}
+    leaf = {p: f"{p.stem}_{p.suffix[1:]}" if len(by_stem[(folder[p], stem(p).casefold())]) > 1 and p.suffix
+            and not p.is_dir() else stem(p) for p in inputs}
     names = {}
     for same in groups(lambda p: leaf[p].casefold()).values():
         top = Path(os.path.commonpath([folder[p] for p in same]))

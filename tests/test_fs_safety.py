@@ -155,8 +155,8 @@ def test_batch_output_named_like_another_input(tmp_path):
     before = snapshot(src)
     res = cli("convert", src, "--to", "kohya", "-o", src, "--overwrite", "-q", code=2)
     assert "overwrite an input" in res.stderr and "1 done" in res.stderr
-    assert (src / "w.safetensors.safetensors").exists()
-    assert {k: v for k, v in snapshot(src).items() if k.name != "w.safetensors.safetensors"} == before
+    assert (src / "w_safetensors.safetensors").exists()
+    assert {k: v for k, v in snapshot(src).items() if k.name != "w_safetensors.safetensors"} == before
 
 
 # ------------------------------------------------------------------------------------------------
@@ -215,12 +215,19 @@ main()
 SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
 
 
-def _interrupt(tmp_path, args, point, sig, delay=0.0):
+def _interrupt(tmp_path, args, point, sig, delay=0.0, ignored=()):
+    """Run the driver, send ``sig`` at ``point``; return (status, stderr). The child starts with the
+    default action for each signal (pytest may run with SIGINT ignored), or ignoring ``ignored``."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     ready = tmp_path / "ready"
+
+    def dispositions():
+        for s in SIGNALS:
+            signal.signal(s, signal.SIG_IGN if s in ignored else signal.SIG_DFL)
+
     proc = subprocess.Popen([sys.executable, str(driver), str(ready), point, *map(str, args)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=dispositions)
     if point == "early":
         time.sleep(delay)
     else:
@@ -249,6 +256,14 @@ def test_a_signal_at_any_moment_leaves_no_temp_file(tmp_path, sig, to, point):
         assert load_file(str(out if to != "peft" else out / "unet" / "adapter_model.safetensors"))
     else:
         assert "interrupted; no output was written" in err and not out.exists()
+
+
+def test_an_ignored_signal_stays_ignored(tmp_path):
+    """``nohup lycotools ...`` (SIGHUP ignored) must survive the hangup it was started to survive."""
+    out = tmp_path / "out.safetensors"
+    rc, err = _interrupt(tmp_path, ["convert", KOHYA, "--to", "diffusers", "-o", out], "write", signal.SIGHUP,
+                         ignored=(signal.SIGHUP,))
+    assert rc == 0 and load_file(str(out)) and not leftovers(tmp_path), err
 
 
 @pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
@@ -417,18 +432,30 @@ def _same_stem(tmp_path) -> Path:
 def test_batch_inputs_sharing_a_stem(tmp_path, command):
     src = _same_stem(tmp_path)
     out = tmp_path / "out"
-    names = ["pytorch_lora_weights.bin.safetensors", "pytorch_lora_weights.safetensors.safetensors"]
+    names = {"pytorch_lora_weights_bin.safetensors": "pytorch_lora_weights.bin",
+             "pytorch_lora_weights_safetensors.safetensors": "pytorch_lora_weights.safetensors"}
     res = cli(command[0], src, *command[1:], "-o", out, "-q", code=0)
     assert "2 done, 0 skipped, 0 failed" in res.stderr, res.stderr
-    assert sorted(p.name for p in out.iterdir()) == names
-    for n in names:  # each output is its own input's, not the other's written over it
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)
+    for n, source in names.items():  # each output is its own input's, not the other's written over it
         meta = safe_open(str(out / n), "pt").metadata()
-        assert json.loads(meta["lycotools.inputs"])[0]["name"] == n[: -len(".safetensors")]
+        assert json.loads(meta["lycotools.inputs"])[0]["name"] == source
     res = cli(command[0], src, *command[1:], "-o", out, "-q", code=0)
     assert "0 done, 2 skipped, 0 failed" in res.stderr
     res = cli(command[0], src, *command[1:], "-o", out, "--overwrite", "-q", code=0)
     assert "2 done, 0 skipped, 0 failed" in res.stderr
-    assert sorted(p.name for p in out.iterdir()) == names
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)
+
+
+def test_batch_folder_outputs_sharing_a_stem_with_reports(tmp_path):
+    """--to peft writes folders: their names and the reports beside them stay apart too."""
+    src = _same_stem(tmp_path)
+    out = tmp_path / "out"
+    res = cli("convert", src, "--to", "peft", "--report", tmp_path / "r.json", "-o", out, "-q", code=0)
+    assert "2 done, 0 skipped, 0 failed" in res.stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        "pytorch_lora_weights_bin", "pytorch_lora_weights_bin.report.json",
+        "pytorch_lora_weights_safetensors", "pytorch_lora_weights_safetensors.report.json"]
 
 
 def test_batch_inputs_sharing_a_name_in_different_folders(tmp_path):
@@ -452,7 +479,7 @@ def test_batch_output_names_do_not_depend_on_order(tmp_path):
     two = dict(batch_outputs(list(reversed(ins)), tmp_path / "o"))
     assert one == two and len(set(one.values())) == len(ins)
     assert {k.relative_to(tmp_path).as_posix(): v.name for k, v in one.items()} == {
-        "a/x.safetensors": "x.safetensors.safetensors", "a/x.bin": "x.bin.safetensors",
+        "a/x.safetensors": "x_safetensors.safetensors", "a/x.bin": "x_bin.safetensors",
         "b/x.safetensors": "x.safetensors", "a/y.safetensors": "a__y.safetensors", "Y.bin": "Y.safetensors"}
 
 

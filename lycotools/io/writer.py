@@ -208,7 +208,8 @@ def catch_signals():
     old = {}
     if threading.current_thread() is threading.main_thread():
         for s in sigs:
-            old[s] = signal.signal(s, _on_signal)
+            if signal.getsignal(s) is not signal.SIG_IGN:  # ignored stays ignored: nohup, background jobs
+                old[s] = signal.signal(s, _on_signal)
     try:
         yield _Run
     finally:
