@@ -28,7 +28,7 @@ def _kohya_hashes(tensors, metadata):
     (sshs_model_hash) and the 64 KiB at offset 1 MiB (sshs_legacy_hash)."""
     b = save(tensors, metadata={k: v for k, v in metadata.items() if k.startswith("ss_")} or None)
     n = struct.unpack("<Q", b[:8])[0]
-    return "0x" + hashlib.sha256(b[8 + n:]).hexdigest(), hashlib.sha256(b[0x100000:0x110000]).hexdigest()[:8]
+    return hashlib.sha256(b[8 + n:]).hexdigest(), hashlib.sha256(b[0x100000:0x110000]).hexdigest()[:8]
 
 
 def _data_section(path):

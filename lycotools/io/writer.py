@@ -32,7 +32,7 @@ import torch
 from ..errors import BadInput, LycoError
 from .safetensors_format import dtype_name, header_bytes, serial_order
 
-HASH_PLACEHOLDER = "0x" + "0" * 64
+HASH_PLACEHOLDER = "0" * 64  # bare lowercase hex, as kohya writes it (sha256 hexdigest)
 LEGACY_PLACEHOLDER = "0" * 8
 _LEGACY_START, _LEGACY_LEN = 0x100000, 0x10000
 _INFLIGHT_BYTES = 256 << 20  # planned mode: tensor bytes handed to the writer/hasher threads, not yet done
@@ -656,7 +656,7 @@ class SafetensorsWriter:
             sink, self._sink = self._sink, None
             sink.close(self._data_start + self._plan[-1][4] if self._plan else self._data_start)
         if self.hashes:
-            model_hash = "0x" + self._sha.hexdigest()
+            model_hash = self._sha.hexdigest()
             legacy = hashlib.sha256(bytes(self._legacy_buf)).hexdigest()[:8]
             meta = dict(self.metadata, sshs_model_hash=model_hash, sshs_legacy_hash=legacy)
             self.metadata = meta
@@ -686,7 +686,7 @@ class SafetensorsWriter:
                     if hi > lo:
                         legacy += chunk[lo - pos:hi - pos]
                     pos += len(chunk)
-            meta["sshs_model_hash"] = "0x" + sha.hexdigest()
+            meta["sshs_model_hash"] = sha.hexdigest()
             meta["sshs_legacy_hash"] = hashlib.sha256(bytes(legacy)).hexdigest()[:8]
         self.metadata = meta
         head = header_bytes(infos, meta)

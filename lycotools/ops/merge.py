@@ -110,7 +110,9 @@ def out_dtype_of(name: str | None):
 
 
 def _file_hash(src) -> str | None:
-    return src.metadata.get("sshs_model_hash") if src is not None else None
+    """The input's stored ``sshs_model_hash``, bare hex (files from older lycotools carry a ``0x`` prefix)."""
+    h = src.metadata.get("sshs_model_hash") if src is not None else None
+    return h[2:] if h and h.startswith("0x") else h
 
 
 def _kept_metadata(meta: dict) -> dict:
