@@ -19,7 +19,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from .errors import BadInput, LycoError
+from .errors import BadInput, LycoError, unexpected_line
 from .io.readers import is_model_path
 from .io.writer import check_interrupt
 
@@ -167,7 +167,7 @@ def run_items(items: list, fn: Callable, *, desc: str, jobs: int = 1, debug: boo
         except Exception as e:  # a bug in lycotools: status 1, traceback with --debug
             if debug:
                 traceback.print_exc()
-            return ItemResult(name, "failed", 1, f"{name}: internal error: {e.__class__.__name__}: {e}")
+            return ItemResult(name, "failed", 1, unexpected_line(e, name))
         if isinstance(value, ItemResult):
             return value
         return ItemResult(name, "done", 0, "", value)

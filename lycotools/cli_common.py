@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from .batch import ItemResult, exit_status, run_items, summary_table
-from .errors import BadInput, LycoError
+from .errors import BadInput, LycoError, unexpected_line
 
 
 def err(line: str):
@@ -74,8 +74,8 @@ def _failure(e: BaseException, run, debug: bool) -> int:
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
         err(f"{e.filename or 'output'}: cannot write: {os.strerror(e.errno).lower()}")
         return 1
-    if isinstance(e, Exception):  # a bug: say so, status 1
-        err(f"internal error: {e.__class__.__name__}: {e} (run with --debug for the traceback)")
+    if isinstance(e, Exception):  # a missing package or a bug: say so, status 1
+        err(unexpected_line(e))
         return 1
     raise e
 
