@@ -20,8 +20,7 @@ from typing import Callable
 from tqdm import tqdm
 
 from .errors import BadInput, LycoError, unexpected_line
-from .io.readers import is_model_path
-from .io.writer import check_interrupt
+from .io.paths import is_model_path
 
 
 @dataclass
@@ -153,6 +152,8 @@ def run_items(items: list, fn: Callable, *, desc: str, jobs: int = 1, debug: boo
 
     def one(item) -> ItemResult:
         name = label(item)
+        from .io.writer import check_interrupt
+
         check_interrupt()  # -j: after a signal, items still queued do not start
         try:
             value = fn(item)

@@ -50,3 +50,15 @@ def test_missing_package_is_not_blamed_on_the_file():
     assert len(lines) == 1, r.stderr
     assert "not installed: transformers" in lines[0] and "pip install transformers" in lines[0]
     assert ADAPTER.name not in lines[0] and "internal error" not in lines[0]
+
+
+def test_help_and_version_do_not_import_torch():
+    """Start-up: --help and --version answer without importing torch (~1.4 s of the 2-core machine)."""
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom lycotools.cli import main\n"
+            "for args in (['--help'], ['--version'], ['inspect', '--help'], ['merge', '--help'], ['train', '--help']):\n"
+            "    r = CliRunner().invoke(main, args)\n"
+            "    assert r.exit_code == 0, (args, r.output)\n"
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'numpy') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", r.stdout

@@ -28,10 +28,9 @@ from typing import Iterator
 import torch
 
 from ..errors import BadInput
+from .paths import DIFFUSERS_COMPONENTS, PICKLE_SUFFIXES, is_model_path  # noqa: F401 (re-exported)
 from .safetensors_format import DTYPE_NAMES, read_header
 
-PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
-DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
 _WEIGHT_NAMES = (
     "diffusion_pytorch_model.safetensors",
     "model.safetensors",
@@ -689,16 +688,6 @@ def _open_weights_file(path: Path) -> Source:
     if path.suffix in PICKLE_SUFFIXES:
         return PickleSource(path)
     raise BadInput(path, f"unknown file type {path.suffix or '(no extension)'}: expected .safetensors, .ckpt, .pt, .pth or .bin")
-
-
-def is_model_path(path: Path) -> bool:
-    """Whether a path looks like something ``open_source`` reads (used when walking folders)."""
-    path = Path(path)
-    if path.is_dir():
-        return (path / "adapter_config.json").exists() or (path / "model_index.json").exists() or any(
-            (path / c).is_dir() for c in DIFFUSERS_COMPONENTS
-        )
-    return path.suffix in PICKLE_SUFFIXES | {".safetensors"} or path.name.endswith(".index.json")
 
 
 def open_source(path) -> Source:
