@@ -12,7 +12,7 @@
     python bench/merge.py                  # full size, 3 runs each, medians
     python bench/merge.py --arch sdxl --skip-svd --skip-whole   # SDXL-sized bake: time and peak RSS
 
-The whole-model baseline is written here from the description in kohya.md §3.1 (load all, add,
+The whole-model baseline is written here from the description in docs/adapters.md#kohya-checkpoint-merge (load all, add,
 save); it is not kohya's code.
 """
 

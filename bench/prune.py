@@ -4,7 +4,7 @@ An SD1.5-layer-shaped rank-64 LoRA (every layer kohya's LoRA targets: UNet trans
 attention / feed-forward / proj_in / proj_out and the text encoder's attention and MLP, with their
 real shapes; random factors) is resized to rank 32 both ways, in this one process:
 
-* kohya's method, reimplemented from kohya.md §2.2 (not copied): M = up @ down, the full
+* kohya's method, reimplemented from docs/adapters.md#kohya-lora-resize (not copied): M = up @ down, the full
   ``torch.linalg.svd(M)`` (full_matrices=True, its default), new up = U_k·S_k, down = Vh_k;
 * lycotools: ``svd_of_product(up·scale, down)``: QR of both factors and the SVD of the 64×64 core.
 

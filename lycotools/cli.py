@@ -1,6 +1,6 @@
 """The ``lycotools`` command line: thin click commands over ``lycotools.ops``.
 
-Conventions (../shared/conventions.md): inputs positional, output ``-o``; errors are one line on
+Conventions (docs/cli.md#command-line-conventions): inputs positional, output ``-o``; errors are one line on
 stderr, ``lycotools: error: <file>: <what is wrong>``, exit 2 for bad input, 1 for internal
 failures; ``--debug`` shows the traceback; progress and messages on stderr, ``--json`` on stdout.
 """

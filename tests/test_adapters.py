@@ -162,7 +162,7 @@ def test_loha_dora(kind):
 
 
 def test_peer_bug_loha_merge_applies_scale_twice():
-    """lycoris.md §2.14: LyCORIS's get_diff_weight (merge_to) for LoHa is alpha/r times the forward delta."""
+    """docs/adapters.md#lycoris-merge-scale: LyCORIS's get_diff_weight (merge_to) for LoHa is alpha/r times the forward delta."""
     layer = make_layer("linear")
     mod = lyco.LohaModule("x", layer, 1.0, lora_dim=4, alpha=2.0)
     randomize(mod, std=0.3)

@@ -301,7 +301,7 @@ def test_diffusers_old_lora_loads(pipe, caplog, manifest):
 @pytest.mark.parametrize("name", ["sd1_kohya_lora", "sd1_kohya_locon", "sd1_dora"])
 def test_kohya_lora_loads_in_diffusers_without_unmatched_keys(pipe, caplog, name):
     p, bad = _load_lora_strict(pipe, ADAPTERS / f"{name}.safetensors", caplog)
-    if name != "sd1_dora":  # diffusers logs that it drops dora_scale (consumers.md §1.1)
+    if name != "sd1_dora":  # diffusers logs that it drops dora_scale (docs/formats.md#diffusers-loader)
         assert not bad, bad
     want = _file_modules(ADAPTERS / f"{name}.safetensors")
     got = _flat_loaded(p)
@@ -320,7 +320,7 @@ def test_kohya_te_attention_keys_load_in_diffusers(pipe, caplog):
 
 
 def test_lycoris_only_formats_are_rejected_by_diffusers(pipe):
-    # documented consumer behaviour (consumers.md §1.2): LoHa/LoKr/Tucker files raise in diffusers 0.42
+    # documented consumer behaviour (docs/formats.md#diffusers-loader): LoHa/LoKr/Tucker files raise in diffusers 0.42
     for name in ("sd1_loha", "sd1_lokr", "sd1_locon_tucker"):
         with pytest.raises(ValueError):
             copy.deepcopy(pipe).load_lora_weights(str(ADAPTERS / f"{name}.safetensors"))
@@ -351,7 +351,7 @@ def _te_key(path):
 
 
 def _delta(sd, key, shape):
-    """ΔW of one module (lycoris.md §2 formulas), used only to check the shapes line up."""
+    """ΔW of one module (docs/adapters.md#summary formulas), used only to check the shapes line up."""
     def g(s):
         return sd.get(f"{key}.{s}")
 
@@ -455,10 +455,10 @@ def test_ldm_named_adapters_map_to_single_file_weights(name, prefix):
         assert _delta(sd, m, tuple(ldm[m].shape)).shape == ldm[m].shape
 
 
-# LyCORIS 4.1.3 reload bugs (lycoris.md §2.14): its loader cannot rebuild these modules from a file.
+# LyCORIS 4.1.3 reload bugs (docs/adapters.md#lycoris-reload-failures): its loader cannot rebuild these modules from a file.
 LYCORIS_RELOAD_BUGS = {
-    "ia3": "IA3Module.make_module_from_state_dict() TypeError (lycoris.md §2.5)",
-    "lokr_tucker": "Tucker LoKr rank read from w2_a.size(1) (lycoris.md §2.14)",
+    "ia3": "IA3Module.make_module_from_state_dict() TypeError (docs/adapters.md#lycoris-reload-failures)",
+    "lokr_tucker": "Tucker LoKr rank read from w2_a.size(1) (docs/adapters.md#lycoris-reload-failures)",
 }
 
 

@@ -24,7 +24,7 @@ def _tensors(n=6, size=300, seed=0):
 
 
 def _kohya_hashes(tensors, metadata):
-    """kohya's definition (kohya.md §0): serialize with only the ss_* metadata; hash the data section
+    """kohya's definition (docs/cli.md#hashes): serialize with only the ss_* metadata; hash the data section
     (sshs_model_hash) and the 64 KiB at offset 1 MiB (sshs_legacy_hash)."""
     b = save(tensors, metadata={k: v for k, v in metadata.items() if k.startswith("ss_")} or None)
     n = struct.unpack("<Q", b[:8])[0]

@@ -55,7 +55,7 @@ def bake(tmp_path, specs, ckpt_path=SD1, name="out.safetensors", **kw):
 
 
 # ------------------------------------------------------------------------------------------------
-# reference ΔW, written here from the formulas (lycoris.md §2), independent of lycotools.adapters
+# reference ΔW, written here from the formulas (docs/adapters.md#summary), independent of lycotools.adapters
 # ------------------------------------------------------------------------------------------------
 
 

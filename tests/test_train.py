@@ -125,7 +125,7 @@ def _merged_te_matches(res, path):
 
 def _lycoris_forward_matches(path, factor=-1):
     """lycoris-lora's own module, built from the file's tensors on the base layer, gives the output of our
-    merged weights (its forward path is the reference, conventions.md): up to 6 k×k convs, 6 1×1 convs and
+    merged weights (its forward path is the reference, docs/adapters.md#reference-implementation): up to 6 k×k convs, 6 1×1 convs and
     6 linears. Returns the tensor suffixes checked."""
     pytest.importorskip("lycoris")
     import lycoris.modules as lm_
@@ -162,7 +162,7 @@ def _lycoris_forward_matches(path, factor=-1):
                                                                  g("dora_scale"))
             elif "diff" in t:
                 mod = lm_.FullModule.make_module_from_state_dict("m", orig, g("diff"), g("diff_b"))
-            elif "lokr_t2" in t:  # its loader misreads the Tucker rank (lycoris.md §2.14): build the module directly
+            elif "lokr_t2" in t:  # its loader misreads the Tucker rank (docs/adapters.md#lycoris-reload-failures): build the module directly
                 mod = lm_.LokrModule("m", orig, 1.0, lora_dim=t["lokr_w2_b"].shape[0], alpha=float(t["alpha"]),
                                      use_tucker=True, factor=factor, weight_decompose="dora_scale" in t)
                 for k in ("lokr_w1", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "dora_scale"):

@@ -1,7 +1,7 @@
 """Adapter algorithms as pure tensor math: parse a module's tensors, rebuild ΔW, merge into W.
 
 ``ALGORITHMS`` maps each algorithm name to its module, in LyCORIS's detection order
-(lycoris.md §1), with PEFT AdaLoRA last. ``boft`` shares the ``oft`` module.
+(docs/adapters.md#detection-order), with PEFT AdaLoRA last. ``boft`` shares the ``oft`` module.
 """
 
 from . import adalora, full, glora, ia3, loha, lokr, lora, norm, oft

@@ -1,4 +1,4 @@
-"""PEFT AdaLoRA (consumers.md §2.4): ``lora_A`` (k, in), ``lora_B`` (out, k), ``lora_E`` (k, 1).
+"""PEFT AdaLoRA (docs/adapters.md#adalora): ``lora_A`` (k, in), ``lora_B`` (out, k), ``lora_E`` (k, 1).
 
     ΔW = lora_alpha / init_r · B @ (A ⊙ E)
 

@@ -62,7 +62,7 @@ def need(t: dict, *suffixes: str) -> None:
 
 
 def apply_dora(weight: torch.Tensor, delta: torch.Tensor, dora_scale: torch.Tensor, multiplier: float):
-    """DoRA merge (lycoris.md §2.2): V = W + ΔW, s = dora_scale / (‖V‖ + eps), m interpolates s to 1.
+    """DoRA merge (docs/adapters.md#dora): V = W + ΔW, s = dora_scale / (‖V‖ + eps), m interpolates s to 1.
 
     The norm axis follows the stored shape: ``(out, 1, ...)`` is the output axis (LyCORIS default,
     norm over every non-output dim); ``(1, in, ...)`` is the input axis (``wd_on_out=False``).

@@ -1,4 +1,4 @@
-"""Full / native fine-tune difference (lycoris.md §2.10): ``diff`` (W's shape), ``diff_b`` (out,).
+"""Full / native fine-tune difference (docs/adapters.md#full): ``diff`` (W's shape), ``diff_b`` (out,).
 
     W' = W + m·diff,  b' = b + m·diff_b   (a layer without a bias ignores diff_b, as LyCORIS does)
 """

@@ -1,4 +1,4 @@
-"""GLoRA (lycoris.md §2.7): a weight-dependent term plus a low-rank term.
+"""GLoRA (docs/adapters.md#glora): a weight-dependent term plus a low-rank term.
 
     ΔW = scale · (W @ a1 @ a2 + b1 @ b2),  scale = alpha / a2.shape[0]
     a1 (in, r[,1,1]), a2 (r, in[,1,1]), b1 (out, r[,1,1]), b2 (r, in[,kh,kw]); for convs W·a1·a2

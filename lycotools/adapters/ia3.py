@@ -1,4 +1,4 @@
-"""(IA)^3 (lycoris.md §2.5): a learned per-channel gain ``weight`` on the output axis, or on the
+"""(IA)^3 (docs/adapters.md#ia3): a learned per-channel gain ``weight`` on the output axis, or on the
 input axis when ``on_input`` is 1.
 
     W' = W ⊙ (1 + m·w),  ΔW = W ⊙ w   (needs the base weight; the bias is left untouched)

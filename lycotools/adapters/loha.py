@@ -1,4 +1,4 @@
-"""LoHa (lycoris.md §2.3): Hadamard product of two low-rank products, optional Tucker cores.
+"""LoHa (docs/adapters.md#loha): Hadamard product of two low-rank products, optional Tucker cores.
 
     ΔW = scale · (w1_a @ w1_b) ⊙ (w2_a @ w2_b)                      plain, w?_b flattened (r, K)
     Wi[o,c,k] = Σ_ab t_i[a,b,k] · wi_a[a,o] · wi_b[b,c]; ΔW = scale · W1 ⊙ W2   Tucker: w?_a is (r, out)

@@ -1,4 +1,4 @@
-"""LoKr (lycoris.md §2.4): Kronecker product of a small block W1 (a, c) and a large block W2 (b, d[, k]).
+"""LoKr (docs/adapters.md#lokr): Kronecker product of a small block W1 (a, c) and a large block W2 (b, d[, k]).
 
     W1 = lokr_w1 | lokr_w1_a @ lokr_w1_b
     W2 = lokr_w2 | lokr_w2_a @ lokr_w2_b (flattened (b, d·K) for convs)

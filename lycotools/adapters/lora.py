@@ -1,5 +1,5 @@
-"""LoRA / LoCon (lycoris.md §2.1), Tucker ``lora_mid``, DyLoRA's 2-D conv up, and the extractor's
-sparse residual (``bias_indices``/``bias_values``/``bias_size``, §2.12).
+"""LoRA / LoCon (docs/adapters.md#lora), Tucker ``lora_mid``, DyLoRA's 2-D conv up, and the extractor's
+sparse residual (``bias_indices``/``bias_values``/``bias_size``, docs/adapters.md#sparse-residual).
 
     ΔW = scale · (up @ down + sparse)            plain (factors flattened to matrices)
     ΔW[o,c,h,w] = scale · Σ_ab up[o,a] mid[a,b,h,w] down[b,c]   Tucker

@@ -1,4 +1,4 @@
-"""Norm-layer difference (lycoris.md §2.11): ``w_norm``/``b_norm`` (C,) for LayerNorm/GroupNorm.
+"""Norm-layer difference (docs/adapters.md#norm): ``w_norm``/``b_norm`` (C,) for LayerNorm/GroupNorm.
 
     γ' = γ + m·w_norm,  β' = β + m·b_norm
 """

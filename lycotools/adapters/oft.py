@@ -1,4 +1,4 @@
-"""Diag-OFT (lycoris.md §2.8) and BOFT (§2.9): orthogonal rotations of W's output rows.
+"""Diag-OFT (docs/adapters.md#diag-oft) and BOFT (docs/adapters.md#boft): orthogonal rotations of W's output rows.
 
 ``oft_blocks`` is (n, s, s) for Diag-OFT, (M, n, s, s) for BOFT; ``alpha`` is a norm *constraint*
 (‖Q‖ over all blocks is capped at alpha·out), not a scale; ``rescale`` (out, 1, ...) is optional.

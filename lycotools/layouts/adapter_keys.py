@@ -170,7 +170,7 @@ def flatten_path(path: str) -> str:
 
 
 def kohya_module_name(arch: str, component: str, module: str, ldm_module: str | None = None) -> str:
-    """The kohya/LyCORIS module name every consumer loads (conventions.md): diffusers-named UNet modules
+    """The kohya/LyCORIS module name every consumer loads (docs/formats.md#kohya-and-lycoris-names): diffusers-named UNet modules
     for SD1/SD2, ldm/sgm-named for SDXL; ``lora_te_`` for one text encoder, ``lora_te1_/lora_te2_`` for two.
     Text-encoder paths keep the ``text_model.`` level."""
     if component == "unet":

@@ -1,4 +1,4 @@
-"""``convert`` for textual-inversion embeddings (consumers.md §5), token name kept.
+"""``convert`` for textual-inversion embeddings (docs/formats.md#textual-inversion-embeddings), token name kept.
 
 * ``a1111``: ``.pt`` holding plain dicts/tensors only: ``string_to_token {"*": 265}``, ``string_to_param
   {"*": (n, dim)}``, ``name``, ``step``, ``sd_checkpoint``, ``sd_checkpoint_name`` (written with ``torch.save``,

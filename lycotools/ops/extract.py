@@ -1,6 +1,6 @@
 """``extract``: fine-tuned minus base into a LoRA, LoCon, LoHa, LoKr or full-diff adapter.
 
-Streams one weight pair at a time from both models (mmap), in any pair of layouts; each ΔW is
+Streams one weight pair at a time from both models (positioned reads), in any pair of layouts; each ΔW is
 factored in float32 by a seeded randomized SVD (exact where small or where the mode needs the
 whole spectrum), and each module is written to disk as soon as it is made.
 """

@@ -49,7 +49,7 @@ def lora_tucker(delta: torch.Tensor, r: int) -> Factored:
     """Tucker LoCon for a k×k conv: ΔW ≈ up ×₀ (mid) ×₁ down, by truncated HOSVD on the out and in modes.
 
     ``lora_up (out,r,1,1)``, ``lora_mid (r,r,kh,kw)``, ``lora_down (r,in,1,1)``. Unlike LyCORIS's
-    extractor (which truncates an already-truncated down factor, lycoris.md §4.3 step 5) the core
+    extractor (which truncates an already-truncated down factor, docs/adapters.md#lycoris-extractor-tucker-split) the core
     is the projection of ΔW itself, so the error is the HOSVD error and is reported.
     """
     out, cin, kh, kw = delta.shape

@@ -178,7 +178,7 @@ def _a(word: str) -> str:
 
 
 # Module-path patterns (separators normalised to "_", prefixes such as lora_unet_, lycoris_, transformer.,
-# diffusion_model., base_model.model. removed) that only one family has. Names: transformers.md §1-§9 and the
+# diffusion_model., base_model.model. removed) that only one family has. Names: docs/formats.md#unsupported-model-families and the
 # diffusers model classes. Several families share layouts (Flux.1's double blocks and HunyuanVideo's,
 # SD3/Flux/Qwen's add_q_proj): the most specific patterns come first and the family with most hits wins.
 _FAMILY_PATTERNS = (

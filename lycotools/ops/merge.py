@@ -1,10 +1,10 @@
 """``merge``: adapters into a checkpoint (bake), adapters into one adapter, checkpoints with checkpoints.
 
 Everything streams: the output header is planned from the input's keys, then each tensor is read
-(mmap), changed if an adapter (or the merge method) touches it, cast and written before the next
+(positioned reads), changed if an adapter (or the merge method) touches it, cast and written before the next
 one is read, so peak memory stays near one tensor plus the adapters.
 
-Math (conventions.md, lycoris.md §2): a ratio m applies as ``W + m·ΔW`` with ΔW = scale·f(factors)
+Math (docs/adapters.md#multiplier): a ratio m applies as ``W + m·ΔW`` with ΔW = scale·f(factors)
 (scale applied once), DoRA/IA3/OFT by their own rules through ``AdapterModule.apply``. Several
 adapters on one weight apply in the order given. OpenCLIP q/k/v land in their third of
 ``in_proj_weight``; ``text_projection`` is transposed back.
@@ -42,7 +42,7 @@ from ..linalg import (LayerSpectrum, allocate_budget, exact_svd, layer_seed, lor
                       svd_of_product, truncated_svd)
 
 SLOTS = ["BASE"] + [f"IN{i:02d}" for i in range(12)] + ["MID"] + [f"OUT{i:02d}" for i in range(12)]
-# LoRA Block Weight layouts (kohya.md §3.3): list positions -> slot names of the 26-slot layout.
+# LoRA Block Weight layouts (docs/formats.md#lora-block-weight): list positions -> slot names of the 26-slot layout.
 LAYOUTS = {
     26: SLOTS,
     17: ["BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "MID",

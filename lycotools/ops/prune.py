@@ -711,7 +711,7 @@ def plot_ranks(path, res: PruneResult):
 
 
 # ------------------------------------------------------------------------------------------------
-# --score sensitivity (AdaLoRA, Zhang et al. 2023, §A.3 of merging_adalora_layouts.md)
+# --score sensitivity (AdaLoRA, Zhang et al. 2023, docs/formats.md#sensitivity-score)
 # ------------------------------------------------------------------------------------------------
 
 BETA1 = BETA2 = 0.85

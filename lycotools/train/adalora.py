@@ -1,4 +1,4 @@
-"""AdaLoRA's budget allocation (merging_adalora_layouts.md §A), reimplemented from the paper's formulas.
+"""AdaLoRA's budget allocation (docs/formats.md#adalora-training), reimplemented from the paper's formulas.
 
 * Budget b = number of nonzero singular values (entries of E) over all adapted layers; b0 = R·n,
   bT = r·n for n layers, initial rank R, target rank r.

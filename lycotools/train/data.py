@@ -269,7 +269,7 @@ def collate_any(batch):
 
 
 # ---------------------------------------------------------------------------------------------- TOML
-# kohya's dataset config (kohya.md §7): [general], [[datasets]], [[datasets.subsets]]. The keys read:
+# kohya's dataset config (docs/formats.md#kohya-dataset-config): [general], [[datasets]], [[datasets.subsets]]. The keys read:
 _CAPTION_KEYS = {"shuffle_caption": "shuffle", "keep_tokens": "keep_tokens", "caption_dropout_rate": "dropout_rate",
                  "caption_tag_dropout_rate": "tag_dropout_rate"}  # TOML key -> CaptionOptions field
 _GENERAL_KEYS = {"resolution", "batch_size", "enable_bucket", "bucket_reso_steps", "caption_extension", *_CAPTION_KEYS}

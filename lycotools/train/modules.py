@@ -12,7 +12,7 @@ trainable factors, and a forward hook adds its output: ``y = W x + m·(adapter p
   ``lokr_t2`` with ``lokr_w2_a`` (r, b) and ``lokr_w2_b`` (r, d) (only when W2 is factored at all).
 * Full (``algo=full``): no adapter layer: the target layer's own weight and bias train (float32 masters
   under mixed precision) and the file stores ``diff = W − W_base``, ``diff_b = b − b_base``, with
-  W_base read back from the checkpoint when saving (lycoris.md §2.10).
+  W_base read back from the checkpoint when saving (docs/adapters.md#full).
 * AdaLoRA: the SVD form ``P · diag(E) · Q · alpha / R`` (R = initial rank); saved as plain LoRA with
   the kept triplets: ``up = P·diag(E)``, ``down = Q``, ``alpha = r_k · alpha / R`` (ΔW unchanged).
 
@@ -60,7 +60,7 @@ class AdapterLayer(nn.Module):
         self.dora = False
 
     def enable_dora(self, weight: torch.Tensor):
-        """DoRA (lycoris.md §2.2): a trainable per-output-row magnitude, initialised to ‖W‖ of each row."""
+        """DoRA (docs/adapters.md#dora): a trainable per-output-row magnitude, initialised to ‖W‖ of each row."""
         w = weight.detach().float()
         norm = w.reshape(w.shape[0], -1).norm(dim=1)
         self.dora_scale = nn.Parameter(norm.reshape(w.shape[0], *([1] * (w.dim() - 1))).clone())
