@@ -321,3 +321,22 @@ def test_single_file_v_prediction_marker(tmp_path, marker):
     assert load_base(src, cfg, need_vae=False).prediction_type == "v_prediction"
     assert load_base(src, cfg, need_vae=False, v_pred=False).prediction_type == "epsilon"
     assert load_base(FIX / "sd1" / "base.safetensors", cfg, need_vae=False).prediction_type == "epsilon"
+
+
+def test_own_tokenizer_beside_the_file_wins(tmp_path):
+    """A tokenizer/ folder beside the single file (here as transformers 5 saves one: tokenizer.json, no
+    vocab.json) is used before the shipped one."""
+    from transformers import CLIPTokenizer
+
+    from lycotools.train.model import load_base
+
+    (tmp_path / "m").mkdir()
+    src = tmp_path / "m" / "tiny.safetensors"
+    shutil.copy(FIX / "sd1" / "base.safetensors", src)
+    own = CLIPTokenizer.from_pretrained(str(FIX / "sd1" / "diffusers" / "tokenizer"))
+    own.save_pretrained(str(tmp_path / "m" / "tokenizer"))
+    assert not (tmp_path / "m" / "tokenizer" / "vocab.json").exists()
+    cfg = tmp_path / "cfg"
+    shutil.copytree(FIX / "sd1" / "diffusers", cfg, ignore=shutil.ignore_patterns("tokenizer*"))
+    tok = load_base(src, cfg, need_vae=False).tokenizers["text_encoder"]
+    assert len(tok) == len(own) == 525

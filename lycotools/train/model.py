@@ -131,7 +131,7 @@ def _load_tokenizer(comp: str, dirs: list[Path]):
 
     for d in dirs:
         t = d / TOKENIZER_DIRS[comp]
-        if (t / "vocab.json").exists():
+        if (t / "vocab.json").exists() or (t / "tokenizer.json").exists():  # transformers 5 saves tokenizer.json only
             return CLIPTokenizer.from_pretrained(str(t), local_files_only=True)
     return None
 
@@ -185,7 +185,7 @@ def load_base(path, config_dir=None, tokenizer_dir=None, *, need_vae=True, v_pre
         if tok is None:
             tok = _shipped_tokenizer(view.arch, c, tes[c])
         if tok is None:
-            raise BadInput(path, f"no tokenizer for {c} (looked for {TOKENIZER_DIRS[c]}/vocab.json in "
+            raise BadInput(path, f"no tokenizer for {c} (looked for {TOKENIZER_DIRS[c]}/ in "
                                  f"{', '.join(str(d) for d in dirs)}; the shipped CLIP tokenizer's 49408 ids do not "
                                  f"fit its {tes[c].config.vocab_size}-token embedding)",
                            hint="pass --config DIFFUSERS_FOLDER (or --tokenizer) holding the tokenizer; nothing is downloaded")
