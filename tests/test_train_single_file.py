@@ -149,6 +149,7 @@ def test_sd15_single_file_trains(tmp_path, single_files, photos, algo):
     extra, prefixes = SD15_ALGOS[algo]
     train(base, photos, out, algo, *extra)
     _adapter_ok(out, base, prefixes)
+    out.unlink()  # a full diff of the transformer blocks is ~1 GB: not left in pytest's kept temp folders
 
 
 def test_sd15_tokenizer_is_openai_clip(single_files):
