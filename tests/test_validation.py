@@ -5,6 +5,8 @@ silently."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -467,3 +469,33 @@ def test_bake_keeps_checkpoint_nan_with_a_warning(tmp_path):
     assert "already held NaN" in res.stderr and touched in res.stderr
     got = load_file(str(out))
     assert torch.isnan(got[untouched]).any() and torch.isnan(got[touched]).any()
+
+
+# ---- train: numbers are checked when the options are built (library) and before any work (CLI)
+@pytest.mark.parametrize("kw, flag", [
+    (dict(lr=float("nan")), "--lr"), (dict(lr=0.0), "--lr"), (dict(alpha=float("inf")), "--alpha"),
+    (dict(alpha=-1.0), "--alpha"), (dict(rank=0), "--rank"), (dict(batch_size=0), "--batch-size"),
+    (dict(grad_accum=0), "--gradient-accumulation"), (dict(steps=-5), "--steps"), (dict(epochs=0), "--epochs"),
+    (dict(weight_decay=float("nan")), "--weight-decay"), (dict(max_grad_norm=-1.0), "--max-grad-norm"),
+    (dict(noise_offset=float("inf")), "--noise-offset"), (dict(min_snr_gamma=0.0), "--min-snr-gamma"),
+    (dict(caption_dropout_rate=1.5), "--caption-dropout-rate"), (dict(keep_tokens=-1), "--keep-tokens"),
+    (dict(conv_rank=-1), "--conv-rank"), (dict(resolution=0), "--resolution"), (dict(factor=0), "--factor"),
+    (dict(text_encoder_lr=float("nan")), "--text-encoder-lr"), (dict(prior_loss_weight=-0.5), "--prior-loss-weight"),
+    (dict(beta1=1.0), "--beta1"), (dict(save_every=0), "--save-every"), (dict(rank=2.5), "--rank"),
+])
+def test_train_options_refused_by_the_dataclass(kw, flag):
+    from lycotools.train.trainer import TrainOptions
+
+    with pytest.raises(BadInput, match=re.escape(flag)):
+        TrainOptions(**{"steps": 1, **kw})
+
+
+@pytest.mark.parametrize("args", [["--lr", "nan"], ["--rank", "0"], ["--alpha", "inf"], ["--noise-offset", "-1"],
+                                  ["--caption-dropout-rate", "2"], ["--gradient-accumulation", "0"]])
+def test_train_cli_refuses_bad_numbers_before_any_work(tmp_path, args):
+    out = tmp_path / "x.safetensors"
+    r = subprocess.run([sys.executable, "-m", "lycotools", "train", str(FIX / "sd1" / "base.safetensors"), str(tmp_path),
+                        "-o", str(out), "--steps", "1", *args], capture_output=True, text=True)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and args[0] in lines[0], r.stderr
+    assert not out.exists()

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..devices import ADAPTER_DTYPES as _DTYPES
+from .. import validate as v
 from ..errors import BadInput
 from ..io.metadata import lycotools_record, modelspec, network_metadata
 from ..io.writer import check_output, save_tensors
@@ -113,6 +114,34 @@ class TrainOptions:
     orth_reg: float = 0.1
     beta1: float = 0.85
     beta2: float = 0.85
+
+    def __post_init__(self):
+        """Every number in range and finite, for the CLI and library callers alike (how options combine
+        is checked by ``_check`` when training starts)."""
+        for name in ("rank", "batch_size", "vectors", "init_rank", "target_rank", "delta_t", "bucket_step"):
+            v.positive_int(f"--{name.replace('_', '-')}", getattr(self, name), optional=False)
+        v.positive_int("--gradient-accumulation", self.grad_accum, optional=False)
+        for name in ("steps", "epochs", "save_every", "clip_skip"):  # sampling options: sample.check_options
+            v.positive_int(f"--{name.replace('_', '-')}", getattr(self, name))
+        for name in ("lr_warmup_steps", "tinit", "tfinal"):
+            v.positive_int(f"--{name.replace('_', '-')}", getattr(self, name), minimum=0, optional=False)
+        v.positive_int("--conv-rank", self.conv_rank, minimum=0)
+        v.positive_int("--resolution", self.resolution, minimum=8, optional=False)
+        if self.factor != -1:
+            v.positive_int("--factor", self.factor, optional=False)
+        v.finite("--alpha", self.alpha, 0, lo_open=True)
+        v.finite("--conv-alpha", self.conv_alpha, 0, lo_open=True)
+        v.finite("--lr", self.lr, 0, lo_open=True, optional=False)
+        v.finite("--text-encoder-lr", self.text_encoder_lr, 0)
+        for name in ("weight_decay", "max_grad_norm", "noise_offset", "prior_loss_weight", "orth_reg"):
+            v.finite(f"--{name.replace('_', '-')}", getattr(self, name), 0, optional=False)
+        v.finite("--min-snr-gamma", self.min_snr_gamma, 0, lo_open=True)
+        try:  # --keep-tokens and the caption dropout rates: kohya's rules, in the data module
+            data_mod.check_caption_options(caption_options(self))
+        except ValueError as e:
+            raise BadInput(None, str(e)) from None
+        for name in ("beta1", "beta2"):
+            v.finite(f"--{name}", getattr(self, name), 0, 1, hi_open=True, optional=False)
 
 
 SAMPLE_FIELDS = ("sample_every", "sample_at_first", "sample_prompts", "sample_steps")  # not in the file's record
