@@ -501,3 +501,63 @@ def test_triplet_score_matches_peft_rank_allocator():
     sB = alloc._element_score("lora_B.default").mean(dim=0).view(-1, 1)
     peft_scores = alloc._combine_ipt(alloc._element_score("lora_E.default"), torch.cat([sA, sB], dim=1))
     assert torch.allclose(tr.triplet_scores().float(), peft_scores.float(), rtol=1e-5, atol=1e-12)
+
+
+def test_all_finite_is_a_sufficient_test():
+    from lycotools.ops.prune import all_finite
+
+    ok = torch.randn(64, 8)
+    assert all_finite({"a": ok, "b": ok.half(), "c": ok.bfloat16(), "d": ok.double(), "i": torch.arange(3)})
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            t = ok.to(dt).clone()
+            t[3, 5] = bad
+            assert not all_finite({"a": ok, "b": t})
+    # a finite tensor whose sum overflows, and fp8: False, i.e. "run the exact check" (never a wrong True)
+    assert not all_finite({"a": torch.full((4,), 3e38)})
+    assert not all_finite({"a": ok.to(torch.float8_e4m3fn)})
+
+
+def test_parallel_spectra_match_sequential_and_restore_threads(tmp_path, monkeypatch):
+    """The per-module SVDs run on a thread pool: same layers in the same order, the same bits as one
+    worker, torch's thread count restored after, and the first error in file order is the one raised."""
+    import lycotools.ops.prune as P
+    from safetensors.torch import save_file
+
+    src = AD / "sd1_kohya_locon.safetensors"
+    threads = torch.get_num_threads()
+    _, _, par, _, _, _ = read_layers(src, _opts(rank=1))
+    assert torch.get_num_threads() == threads
+    monkeypatch.setattr(P, "MAX_WORKERS", 1)
+    _, _, seq, _, _, _ = read_layers(src, _opts(rank=1))
+    assert [l.name for l in par] == [l.name for l in seq]
+    for a, b in zip(par, seq):
+        assert torch.equal(a.svd.U, b.svd.U) and torch.equal(a.svd.S, b.svd.S) and torch.equal(a.svd.Vh, b.svd.Vh)
+    monkeypatch.setattr(P, "MAX_WORKERS", 8)
+    monkeypatch.setattr(P, "_cores", lambda: 4)
+    # two bad modules: the error names the first in file order, whichever worker finishes first
+    sd = load_file(str(src))
+    names = [k[: -len(".lora_up.weight")] for k in sd if k.endswith(".lora_up.weight")]
+    order = [lm.name for lm in AdapterFile.open(src).modules]
+    first, last = sorted(names, key=order.index)[1], sorted(names, key=order.index)[-1]
+    for n in (first, last):
+        sd[f"{n}.lora_up.weight"][0, 0] = float("nan")
+    save_file(sd, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(Exception, match=first):
+        read_layers(tmp_path / "nan.safetensors", _opts(rank=1))
+    assert torch.get_num_threads() == threads
+    # errors raised in the workers: the first module's, even when a later one fails sooner
+    import time
+
+    real = P._layer_svd
+
+    def failing(mod, shape, name, seed, dense):
+        if name in (first, last):
+            time.sleep(0.3 if name == first else 0)
+            raise ValueError(f"boom {name}")
+        return real(mod, shape, name, seed, dense)
+
+    monkeypatch.setattr(P, "_layer_svd", failing)
+    with pytest.raises(Exception, match=f"boom {first}"):
+        read_layers(src, _opts(rank=1))
+    assert torch.get_num_threads() == threads
