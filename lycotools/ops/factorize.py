@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..adapters import full, lokr, loha, lora
-from ..linalg import SVD, exact_svd, relative_error, truncated_svd, truncation_error
+from ..linalg import SVD, exact_svd, relative_error, sum_squares, truncated_svd, truncation_error
 
 
 @dataclass
@@ -66,44 +66,132 @@ def lora_tucker(delta: torch.Tensor, r: int) -> Factored:
     return Factored(t, r, err, _params(t))
 
 
-def loha_refine(delta: torch.Tensor, svd: SVD, r: int, *, steps: int = 200, seed: int = 0, lr: float = 1e-2) -> Factored:
-    """LoHa of rank r: start from the rank-r SVD (w1 = U_r S_r V_r, w2 = all-ones, exactly the rank-r
-    LoRA) and refine both Hadamard factors by Adam on ‖ΔW − (w1a w1b) ⊙ (w2a w2b)‖²; keep the best
-    iterate, so the result is never worse than the LoRA it started from."""
+LOHA_TOL = 1e-3  # stop refining once a sweep lowers the error by less than this fraction of it
+LOHA_RIDGE = 1e-6  # Tikhonov term of each small solve, relative to its Gram matrix's mean diagonal
+LOHA_LOWRANK_MAX_R = 16  # up to this rank the Gram matrices come from the factors, never forming W²
+
+
+def _loha_solve(Gf: torch.Tensor, rhs: torch.Tensor, full_idx: torch.Tensor, r: int) -> torch.Tensor:
+    """Solve the batch of small SPD systems G_i x_i = rhs_i, G_i given by its upper triangle ``Gf[i]``."""
+    G = Gf[:, full_idx].reshape(-1, r, r)
+    d = G.diagonal(dim1=1, dim2=2)
+    d += d.mean(1, keepdim=True) * LOHA_RIDGE + torch.finfo(G.dtype).tiny
+    L, info = torch.linalg.cholesky_ex(G)
+    if bool((info != 0).any()):  # not positive definite in float32: pivoted LU instead
+        return torch.linalg.solve(G, rhs.unsqueeze(-1)).squeeze(-1)
+    return torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)
+
+
+def _loha_pair_update(M, Ao, Bo, B, idx):
+    """One alternating-least-squares step for one Hadamard half (A B), the other half W = Ao Bo fixed.
+
+    ‖M − (A B) ⊙ W‖² is linear in each row of A (given B) and each column of B (given A): row i of A
+    solves G_i a_i = Σ_j W_ij M_ij b_j with G_i = Σ_j W_ij² b_j b_jᵀ, an r×r system, and likewise
+    column j of B. For small r neither W nor W² is formed: W² = (Ao ⊙ Ao)(Bo ⊙ Bo) has rank
+    r(r+1)/2, so every G_i comes from two (r(r+1)/2)² products, and the right-hand sides from one
+    product of M with an (n, r²) matrix. Returns the new A, B and ⟨M, ΔŴ⟩, ‖ΔŴ‖² (the error
+    without forming ΔŴ).
+    """
+    m, n = M.shape
+    r = B.shape[0]
+    iu, ju, full_idx = idx
+    PB = B[iu] * B[ju]  # (T, n): upper triangles of b_j b_jᵀ, T = r(r+1)/2
+    if r <= LOHA_LOWRANK_MAX_R:
+        w = torch.where(iu == ju, 1.0, 2.0).to(M)
+        PaS = Ao[:, iu] * Ao[:, ju] * w  # W² = PaS @ PbS
+        PbS = Bo[iu] * Bo[ju]
+        GfA = PaS @ (PbS @ PB.T)
+        T = (M @ (Bo[:, None, :] * B[None, :, :]).reshape(r * r, n).T).reshape(m, r, r)
+        A = _loha_solve(GfA, torch.einsum("il,ilp->ip", Ao, T), full_idx, r)
+        GfB = PbS.T @ (PaS.T @ (A[:, iu] * A[:, ju]))
+        U = (M.T @ (Ao[:, :, None] * A[:, None, :]).reshape(m, r * r)).reshape(n, r, r)
+        rhsB = torch.einsum("lj,jlp->jp", Bo, U)
+    else:  # r² columns would cost more than forming W once
+        W = Ao @ Bo
+        MW = M * W
+        W.square_()
+        A = _loha_solve(W @ PB.T, MW @ B.T, full_idx, r)
+        GfB = W.T @ (A[:, iu] * A[:, ju])
+        rhsB = MW.T @ A
+        del W, MW
+    Bt = _loha_solve(GfB.clone(), rhsB, full_idx, r)  # (n, r)
+    GB = GfB[:, full_idx].reshape(n, r, r).double()
+    Btd = Bt.double()
+    quad = float(torch.einsum("nk,nkl,nl->", Btd, GB, Btd))
+    cross = float((Btd * rhsB.double()).sum())
+    return A, Bt.T.contiguous(), cross, quad
+
+
+def _loha_balance(a1, b1, a2, b2):
+    """Same ΔW, factors of like magnitude (what fp16/bf16 storage wants): each rank-1 term split evenly
+    between its a column and b row, and the two Hadamard halves given equal norms."""
+    out = []
+    for a, b in ((a1, b1), (a2, b2)):
+        na, nb = a.norm(dim=0), b.norm(dim=1)
+        c = torch.where((na > 0) & (nb > 0), (nb / na.clamp_min(1e-30)).sqrt(), torch.ones_like(na))
+        out += [a * c, b / c[:, None]]
+    a1, b1, a2, b2 = out
+    n1, n2 = float(a1.norm() * b1.norm()), float(a2.norm() * b2.norm())
+    if n1 > 0 and n2 > 0:
+        t = (n2 / n1) ** 0.25
+        a1, b1, a2, b2 = a1 * t, b1 * t, a2 / t, b2 / t
+    return a1, b1, a2, b2
+
+
+def loha_refine(delta: torch.Tensor, svd: SVD, r: int, *, steps: int = 200, seed: int = 0) -> Factored:
+    """LoHa of rank r, refined from the rank-r LoRA by alternating least squares; never worse than that LoRA.
+
+    The rank-r LoRA is itself a LoHa (w1 = U_r S_r V_rᵀ, w2 = all-ones). Refinement starts from w1 =
+    the SVD and w2 = all-ones plus seeded rank-(r−1) noise, then alternates exact least-squares
+    updates of w2_a (row by row), w2_b (column by column), w1_a, w1_b — each a batch of r×r solves —
+    for at most ``steps`` sweeps, stopping once a sweep gains under ``LOHA_TOL`` of the error. The
+    result is compared (float64 sums) with the LoRA and the better one is kept.
+    """
     shape = tuple(delta.shape)
     out = shape[0]
     M = delta.reshape(out, -1).float()
-    K = M.shape[1]
+    m, n = M.shape
     s = svd.S[:r].clamp_min(0)
     rs = s.sqrt()
-    w1a = (svd.U[:, :r] * rs).clone()
-    w1b = (rs[:, None] * svd.Vh[:r]).clone()
-    g = torch.Generator().manual_seed(seed)
+    w1a = svd.U[:, :r] * rs
+    w1b = rs[:, None] * svd.Vh[:r]
     inv = 1.0 / math.sqrt(r)
-    # all-ones w2 plus a tiny seeded perturbation so the two factors can move apart
-    w2a = (torch.full((out, r), inv) + 1e-3 * inv * torch.randn(out, r, generator=g)).to(M.device)
-    w2b = (torch.full((r, K), inv) + 1e-3 * inv * torch.randn(r, K, generator=g)).to(M.device)
-    start = relative_error(M, (w1a @ w1b) * (w2a @ w2b))
-    best = (start, [w1a.clone(), w1b.clone(), w2a.clone(), w2b.clone()])
-    norm = float(M.norm()) or 1.0
-    params = [p.requires_grad_() for p in (w1a, w1b, w2a, w2b)]
-    opt = torch.optim.Adam(params, lr=lr * math.sqrt(norm / max(1, M.numel()) * max(out, K)))
-    with torch.enable_grad():
-        for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            resid = M - (params[0] @ params[1]) * (params[2] @ params[3])
-            loss = resid.square().sum() / (norm * norm)
-            e = math.sqrt(max(float(loss.detach()), 0.0))
-            if e < best[0]:  # the error of the current iterate, before this step moves it
-                best = (e, [p.detach().clone() for p in params])
-            loss.backward()
-            opt.step()
-    a1, b1, a2, b2 = best[1]
-    err = relative_error(M, (a1 @ b1) * (a2 @ b2))
-    t = loha.to_tensors(a1.contiguous(), b1.contiguous(), a2.contiguous(), b2.contiguous(), alpha=r)
+    lora = (w1a, w1b, torch.full((m, r), inv, device=M.device), torch.full((r, n), inv, device=M.device))
     lora_err = relative_error(M, (svd.U[:, :r] * s) @ svd.Vh[:r])
-    note = f"LoHa refinement: error {lora_err:.4g} (rank-{r} LoRA start) -> {err:.4g}"
-    return Factored(t, r, err, _params(t), note)
+    best, best_err, sweeps = lora, lora_err, 0
+    norm2 = sum_squares(M)
+    if steps > 0 and lora_err > 1e-6 and norm2 > 0:
+        g = torch.Generator().manual_seed(seed)
+        a2 = 0.1 * torch.randn(m, r, generator=g)
+        b2 = 0.1 * torch.randn(r, n, generator=g)
+        a2[:, 0], b2[0] = 1.0, 1.0
+        a1, b1, a2, b2 = w1a.clone(), w1b.clone(), a2.to(M.device), b2.to(M.device)
+        iu, ju = torch.triu_indices(r, r, device=M.device)
+        full_idx = torch.empty(r, r, dtype=torch.long, device=M.device)
+        full_idx[iu, ju] = torch.arange(iu.numel(), device=M.device)
+        full_idx[ju, iu] = full_idx[iu, ju]
+        idx = (iu, ju, full_idx.reshape(-1))
+        prev = math.inf
+        for sweeps in range(1, steps + 1):
+            a2, b2, _, _ = _loha_pair_update(M, a1, b1, b2, idx)
+            a1, b1, cross, quad = _loha_pair_update(M, a2, b2, b1, idx)
+            e = math.sqrt(max(norm2 - 2 * cross + quad, 0.0) / norm2)
+            if not all(bool(torch.isfinite(x).all()) for x in (a1, b1, a2, b2)):
+                break
+            if e < prev:
+                cand = (a1, b1, a2, b2)
+            if e > prev * (1 - LOHA_TOL):
+                break
+            prev = e
+        if prev < math.inf:
+            err = relative_error(M, (cand[0] @ cand[1]) * (cand[2] @ cand[3]))
+            if err < best_err:
+                best, best_err = cand, err
+    a1, b1, a2, b2 = _loha_balance(*best)
+    t = loha.to_tensors(a1.contiguous(), b1.contiguous(), a2.contiguous(), b2.contiguous(), alpha=r)
+    how = f"{sweeps} ALS sweeps" if best is not lora else f"kept the LoRA after {sweeps} ALS sweeps"
+    note = f"LoHa refinement: error {lora_err:.4g} (rank-{r} LoRA start) -> {best_err:.4g} ({how})"
+    return Factored(t, r, best_err, _params(t), note)
 
 
 def lokr_nearest(delta: torch.Tensor, r: int, *, factor: int = -1) -> Factored:
