@@ -462,7 +462,10 @@ class _Spectra:
         self._threads = streaming_threads(io_threads=_cores())  # torch math single-threaded meanwhile
         self._threads.__enter__()
         if workers > 1:
-            self.pool = ThreadPoolExecutor(workers, thread_name_prefix="lycotools-svd")
+            # each worker sets its own OpenMP/MKL thread count: LAPACK calls from a new thread would
+            # otherwise use the default (every core), whatever the process-wide setting says
+            self.pool = ThreadPoolExecutor(workers, thread_name_prefix="lycotools-svd",
+                                           initializer=torch.set_num_threads, initargs=(1,))
         return self
 
     def add(self, done, fn, *args):
