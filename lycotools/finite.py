@@ -46,7 +46,7 @@ class NonFinite:
         self.allow = allow
         self.hint = hint
         self.found: list[tuple[str | None, str]] = []  # (file, tensor) written with NaN/Inf
-        self.inherited: list[str] = []  # tensors that already held NaN/Inf in the input and still do
+        self.inherited: list[str] = []  # tensors that already held NaN/Inf in the input, written as they were
 
     def check(self, path, where: str, t: torch.Tensor) -> bool:
         """True when ``t`` is finite; else BadInput, or (``allow``) False and the tensor counted."""
@@ -72,8 +72,8 @@ class NonFinite:
             print(f"lycotools: warning: {len(self.found)} tensor(s) with NaN or infinite values written as they are "
                   f"(--allow-nonfinite); first: {f'{path}: ' if path else ''}{where}", file=out)
         if self.inherited:
-            print(f"lycotools: warning: {len(self.inherited)} changed tensor(s) already held NaN or infinite values "
-                  f"in the input and still do; first: {self.inherited[0]}", file=out)
+            print(f"lycotools: warning: {len(self.inherited)} tensor(s) already held NaN or infinite values "
+                  f"in the input and were written as they were; first: {self.inherited[0]}", file=out)
 
 
 def check_adapter(af, tally: NonFinite, path=None) -> list[str]:

@@ -443,8 +443,8 @@ def test_models_merge_refuses_nan_then_allows(tmp_path):
 
 
 def test_bake_keeps_checkpoint_nan_with_a_warning(tmp_path):
-    """A NaN already in the checkpoint is the user's model: copied as it is (untouched) or warned about
-    (in a tensor an adapter changes), never a refusal."""
+    """A NaN already in the checkpoint is the user's model: written as it was, never a refusal, and never
+    silently: one warning counts every such tensor, changed by the adapter or not."""
     from lycotools.adapter_file import AdapterFile
     from lycotools.io.readers import open_source
     from lycotools.layouts.model_index import ModelIndex
@@ -466,7 +466,7 @@ def test_bake_keeps_checkpoint_nan_with_a_warning(tmp_path):
     out = tmp_path / "out.safetensors"
     res = cli("merge", ckpt, LORA, "-o", out, "-q")
     assert res.exit_code == 0, res.stderr
-    assert "already held NaN" in res.stderr and touched in res.stderr
+    assert "2 tensor(s) already held NaN" in res.stderr and min(touched, untouched) in res.stderr
     got = load_file(str(out))
     assert torch.isnan(got[untouched]).any() and torch.isnan(got[touched]).any()
 
@@ -499,3 +499,32 @@ def test_train_cli_refuses_bad_numbers_before_any_work(tmp_path, args):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2 and len(lines) == 1 and args[0] in lines[0], r.stderr
     assert not out.exists()
+
+
+def test_convert_checkpoint_never_writes_nan_silently(tmp_path):
+    """convert of a checkpoint: NaN/Inf the input holds are written as they were, with a warning naming
+    one; an overflow the --dtype cast makes is refused (exit 2, nothing written) unless --allow-nonfinite."""
+    t = load_file(str(BASE))
+    key = next(k for k in sorted(t) if t[k].is_floating_point() and t[k].numel() > 1)
+    t32 = {k: (v.float() if v.is_floating_point() else v) for k, v in t.items()}
+    bad = dict(t32, **{key: t32[key].clone()})
+    bad[key].reshape(-1)[0] = float("nan")
+    nan_ckpt = tmp_path / "nan.safetensors"
+    save_file(bad, str(nan_ckpt))
+    out = tmp_path / "out.safetensors"
+    res = cli("convert", nan_ckpt, "--to", "single-file", "-o", out, "-q")
+    assert res.exit_code == 0, res.stderr
+    assert "1 tensor(s) already held NaN" in res.stderr and key in res.stderr
+    assert torch.isnan(load_file(str(out))[key]).any()
+
+    big = dict(t32, **{key: t32[key].clone()})
+    big[key].reshape(-1)[0] = 1e6  # finite in fp32, beyond fp16's 65504
+    big_ckpt = tmp_path / "big.safetensors"
+    save_file(big, str(big_ckpt))
+    out2 = tmp_path / "out16.safetensors"
+    res = cli("convert", big_ckpt, "--to", "single-file", "--dtype", "fp16", "-o", out2, "-q")
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and "overflows --dtype fp16" in lines[0] and key in lines[0], res.stderr
+    assert not out2.exists()
+    res = cli("convert", big_ckpt, "--to", "single-file", "--dtype", "fp16", "-o", out2, "-q", "--allow-nonfinite")
+    assert res.exit_code == 0 and "written as they are" in res.stderr, res.stderr

@@ -41,7 +41,7 @@ class ConvertOptions:
     token: str | None = None
     seed: int = 0
     no_date: bool = False
-    allow_nonfinite: bool = False  # adapters: copy NaN/Inf values through (a warning) instead of refusing
+    allow_nonfinite: bool = False  # copy NaN/Inf through (a warning) instead of refusing; checkpoints: a cast overflow
 
     def __post_init__(self):
         if self.algo not in (None, "lora"):

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from ..alloc import streaming_threads
 from ..devices import CHECKPOINT_DTYPES as DTYPES, cast_to
 from ..errors import BadInput
+from ..finite import NonFinite, is_finite
 from ..io.metadata import lycotools_record, modelspec
 from ..io.readers import prefetch
 from ..io.writer import SafetensorsWriter, atomic_folder, check_output, check_output_folder
@@ -76,12 +77,29 @@ def convert_checkpoint(path, output, opts, *, overwrite: bool = False, quiet: bo
     view = CheckpointView.open(path)
     if getattr(opts, "prediction", None):
         view.info.prediction = opts.prediction
+    tally = NonFinite(getattr(opts, "allow_nonfinite", False))
     try:
         if opts.to == "diffusers":
-            return _to_diffusers(view, Path(path), Path(output), opts, overwrite, quiet)
-        return _to_single(view, Path(path), Path(output), opts, overwrite, quiet)
+            res = _to_diffusers(view, Path(path), Path(output), opts, overwrite, quiet, tally)
+        else:
+            res = _to_single(view, Path(path), Path(output), opts, overwrite, quiet, tally)
     finally:
         view.close()
+    tally.warn()
+    return res
+
+
+def _cast_checked(t, name: str, opts, tally: NonFinite, path):
+    """The tensor at the output dtype. NaN/Inf the input already held are written as they were (counted for
+    one warning); an overflow the cast itself makes (fp32 beyond fp16's range) is refused unless
+    --allow-nonfinite."""
+    out = cast_to_option(t, opts)
+    if not is_finite(out):
+        if is_finite(t):
+            tally.check(path, f"tensor {name} overflows --dtype {opts.dtype}", out)
+        else:
+            tally.inherited.append(name)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -103,7 +121,7 @@ def _disk_key(comp: str, dkey: str) -> str:
     return dkey
 
 
-def _to_diffusers(view, path: Path, output: Path, opts, overwrite, quiet) -> dict:
+def _to_diffusers(view, path: Path, output: Path, opts, overwrite, quiet, tally) -> dict:
     check_output_folder(output, [path, opts.config], overwrite)
     if output.exists() and not output.is_dir():
         raise BadInput(output, "--to diffusers writes a folder, and this path is a file")
@@ -126,7 +144,7 @@ def _to_diffusers(view, path: Path, output: Path, opts, overwrite, quiet) -> dic
             with SafetensorsWriter(folder / WEIGHT_FILES[comp], {"format": "pt"}, plan=plan, hashes=False) as w:
                 for name in w.expected_order:
                     t = view.get(comp, back[name])
-                    w.add(name, cast_to_option(t, opts))
+                    w.add(name, _cast_checked(t, name, opts, tally, path))
                     bar.update(1)
         bar.close()
         _pipeline_files(tmp, view, comps, config_dir, opts)
@@ -371,7 +389,7 @@ def _infer_clip(comp: str, s: dict, arch: str) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def _to_single(view, path: Path, output: Path, opts, overwrite, quiet) -> dict:
+def _to_single(view, path: Path, output: Path, opts, overwrite, quiet, tally) -> dict:
     check_output(output, [path], overwrite)
     meta = {k: v for k, v in view.source.metadata.items()
             if not k.startswith(("sshs_", "lycotools.", "format", "model_index"))}
@@ -387,7 +405,7 @@ def _to_single(view, path: Path, output: Path, opts, overwrite, quiet) -> dict:
         with SafetensorsWriter(output, meta, inputs=[path], overwrite=overwrite, plan=plan) as w:
             for key in tqdm(w.expected_order, desc=f"convert {path.name}", unit="tensor", file=sys.stderr,
                             disable=quiet):
-                w.add(key, cast_to_option(src.get(key), opts))
+                w.add(key, _cast_checked(src.get(key), key, opts, tally, path))
     else:
         src = view.source
         keys = [k for k in src.keys() if not (opts.prune and pruned(k))]
@@ -396,7 +414,7 @@ def _to_single(view, path: Path, output: Path, opts, overwrite, quiet) -> dict:
         with SafetensorsWriter(output, meta, inputs=[path], overwrite=overwrite, plan=plan) as w, streaming_threads():
             for key, t in tqdm(prefetch(w.expected_order, src.get), total=len(plan), desc=f"convert {path.name}",
                                unit="tensor", file=sys.stderr, disable=quiet):
-                w.add(key, cast_to_option(t, opts))
+                w.add(key, _cast_checked(t, key, opts, tally, path))
     extras = getattr(view.source, "extras", None) or {}
     _say(quiet, f"lycotools: wrote {output} (single file {view.arch}"
                 + (f", {opts.dtype}" if opts.dtype else "") + ")")
