@@ -9,7 +9,9 @@ other tool reads the same way.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -114,6 +116,15 @@ def read_header(path: Path) -> tuple[dict, dict[str, str], int]:
         raw = f.read(n)
     if len(raw) != n:
         raise BadInput(path, "file changed while its header was read")
+    fast = _fast_header(raw, size - 8 - n, size)
+    if fast is not None:
+        return fast[0], fast[1], 8 + n
+    return (*_checked_header(path, raw, size, n), 8 + n)
+
+
+def _checked_header(path: Path, raw: bytes, size: int, n: int) -> tuple[dict, dict[str, str]]:
+    """The strict parse and every check, one by one: the reference ``_fast_header`` must agree with,
+    and the path that names the problem of a header the fast one does not take."""
     header = _parse_json(path, raw)
     metadata = _metadata(path, header.pop("__metadata__", None))
     data_len = size - 8 - n
@@ -132,7 +143,93 @@ def read_header(path: Path) -> tuple[dict, dict[str, str], int]:
     for name, entry in header.items():
         if entry["dtype"] not in DTYPE_NAMES:
             raise BadInput(path, f"tensor {_q(name)} has dtype {entry['dtype']}, which lycotools cannot read")
-    return header, metadata, 8 + n
+    return header, metadata
+
+
+# The fast path. Python's C JSON parser takes a header in a fraction of the time the strict parser
+# (a Python hook called for every object and every integer) needs; it is used only where it provably
+# gives what the strict parse and checks give, and anything else goes the strict way, which then says
+# what is wrong exactly as before:
+# * no ``-0`` number (C json makes it the integer 0), no \u escape of a surrogate (a lone one is not
+#   UTF-8) or of ``:`` (see below), no NaN/Infinity (``parse_constant`` raises), nothing after the
+#   object but spaces;
+# * every value the standard form: tensors {dtype, shape, data_offsets} with lists of integers, and
+#   __metadata__ null or a map of strings, so nothing nests deeper than 3 levels;
+# * no duplicate key anywhere: each key/value pair of the text has exactly one ``:`` outside strings,
+#   so (colons in the text) - (colons in the parsed strings) counts the pairs of the text; it equals
+#   the number of pairs the parsed dicts hold only if no pair was dropped as a duplicate (the strings
+#   of a dropped pair would only add colons). Without a ``\u003a`` escape, parsed strings hold their
+#   colons literally.
+# * then the size, offset and layout checks, on the same numbers the strict path checks.
+_FAST_DECODER = json.JSONDecoder(parse_constant=lambda name: _no_constant(name))
+_NEGATIVE_ZERO = re.compile(r"[\[,:][ \t\n\r]*-0")
+_ESCAPES_REFUSED = re.compile(r"\\u(?:[dD][89a-fA-F]|003[aA])")
+_INT_ONLY = frozenset((int,))
+
+
+def _fast_header(raw: bytes, data_len: int, file_size: int) -> tuple[dict, dict[str, str]] | None:
+    """(tensor entries, metadata) when the header is well formed and standard; None when the strict
+    path must decide (it raises, or returns the same thing)."""
+    if raw[:1] != b"{":
+        return None
+    try:
+        text = raw.decode("utf-8")
+        if ("-0" in text and _NEGATIVE_ZERO.search(text)) or ("\\u" in text and _ESCAPES_REFUSED.search(text)):
+            return None
+        header, end = _FAST_DECODER.raw_decode(text)
+    except (ValueError, RecursionError):  # _HeaderError (NaN) is a ValueError
+        return None
+    if end != len(text) and text[end:].strip(" "):
+        return None
+    colons = "".join(header).count(":")
+    pairs = len(header)
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    elif type(metadata) is not dict:
+        return None
+    elif metadata:
+        values = metadata.values()
+        if not _STR_ONLY.issuperset(map(type, values)):
+            return None
+        colons += "".join(metadata).count(":") + "".join(values).count(":")
+        pairs += len(metadata)
+    pairs += 3 * len(header)
+    if text.count(":") - colons != pairs:
+        return None  # a duplicate key somewhere (or a string the count cannot see through)
+    bits_of, limit = DTYPE_BITS, 8 * file_size
+    spans = []
+    for e in header.values():
+        if type(e) is not dict or len(e) != 3:
+            return None
+        try:
+            dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+        except KeyError:
+            return None
+        if type(dtype) is not str or dtype not in DTYPE_NAMES or type(shape) is not list or type(offsets) is not list \
+                or len(offsets) != 2 or not _INT_ONLY.issuperset(map(type, shape)) \
+                or not _INT_ONLY.issuperset(map(type, offsets)):
+            return None
+        begin, end = offsets
+        if begin < 0 or begin > end or end > data_len or (shape and min(shape) < 0):
+            return None
+        numel, bits = math.prod(shape), bits_of[dtype]
+        extent = numel if numel else math.prod([s or 1 for s in shape])
+        if extent * bits > limit or numel * bits != 8 * (end - begin):
+            return None
+        spans.append((begin, end))
+    spans.sort()
+    pos = 0
+    for begin, end in spans:
+        if begin != pos:
+            return None
+        pos = end
+    if pos != data_len:
+        return None
+    return header, metadata
+
+
+_STR_ONLY = frozenset((str,))
 
 
 class _HeaderError(ValueError):
