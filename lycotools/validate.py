@@ -93,3 +93,15 @@ def adapter_dtype(dtype, allowed, *, name: str = "--dtype"):
         raise BadInput(None, f"{name} {dtype}: fp8 is a checkpoint dtype; adapters take fp32, fp16 or bf16")
     if dtype not in allowed:
         raise BadInput(None, f"unknown {name} {dtype!r}; expected fp32, fp16 or bf16")
+
+
+def lora_rule(algo, mode, modes, rank, max_rank, param):
+    """convert's ``--algo lora`` and its rank rule (``--mode``, ``--rank``, ``--max-rank``, ``--mode-param``),
+    for checkpoints' and adapters' options alike."""
+    if algo not in (None, "lora"):
+        raise BadInput(None, f"unknown --algo {algo!r}; only 'lora' (SVD to plain LoRA) is an algorithm change")
+    if mode not in modes:
+        raise BadInput(None, f"unknown --mode {mode!r}; expected one of {', '.join(modes)}")
+    positive_int("--rank", rank)
+    positive_int("--max-rank", max_rank)
+    mode_param(mode, param)

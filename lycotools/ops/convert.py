@@ -44,13 +44,7 @@ class ConvertOptions:
     allow_nonfinite: bool = False  # copy NaN/Inf through (a warning) instead of refusing; checkpoints: a cast overflow
 
     def __post_init__(self):
-        if self.algo not in (None, "lora"):
-            raise BadInput(None, f"unknown --algo {self.algo!r}; only 'lora' (SVD to plain LoRA) is an algorithm change")
-        if self.mode not in MODES:
-            raise BadInput(None, f"unknown --mode {self.mode!r}; expected one of {', '.join(MODES)}")
-        validate.positive_int("--rank", self.rank)
-        validate.positive_int("--max-rank", self.max_rank)
-        validate.mode_param(self.mode, self.mode_param)
+        validate.lora_rule(self.algo, self.mode, MODES, self.rank, self.max_rank, self.mode_param)
         if self.dtype is not None and self.dtype not in CHECKPOINT_DTYPES:
             raise BadInput(None, f"unknown --dtype {self.dtype!r}; expected one of {', '.join(CHECKPOINT_DTYPES)}")
 

@@ -87,13 +87,7 @@ class AdapterOptions:
     def __post_init__(self):
         if self.to not in ADAPTER_TARGETS:
             raise BadInput(None, f"unknown adapter target {self.to!r}; expected one of {', '.join(ADAPTER_TARGETS)}")
-        if self.algo not in (None, "lora"):
-            raise BadInput(None, f"unknown --algo {self.algo!r}; only 'lora' (SVD to plain LoRA) is an algorithm change")
-        if self.mode not in MODES:
-            raise BadInput(None, f"unknown --mode {self.mode!r}; expected one of {', '.join(MODES)}")
-        validate.positive_int("--rank", self.rank)
-        validate.positive_int("--max-rank", self.max_rank)
-        validate.mode_param(self.mode, self.mode_param)
+        validate.lora_rule(self.algo, self.mode, MODES, self.rank, self.max_rank, self.mode_param)
         if self.algo == "lora" and self.mode == "fixed" and self.rank is None:
             raise BadInput(None, "--algo lora needs --rank N (or --mode MODE --mode-param P)")
         validate.adapter_dtype(self.dtype, DTYPES)
