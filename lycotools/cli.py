@@ -81,7 +81,7 @@ def inspect_cmd(paths, as_json, jobs, debug, quiet):
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda for the math.")
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True, help="Output dtype.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--loha-steps", type=int, default=200, show_default=True, help="LoHa refinement steps.")
+@click.option("--loha-steps", type=int, default=200, show_default=True, help="LoHa: most alternating-least-squares sweeps (it stops earlier when a sweep gains under 0.1%).")
 @click.option("--lokr-factor", type=int, default=-1, show_default=True, help="LoKr factor (-1: balanced).")
 @click.option("--report", "report", default=None, help="Write per-layer rank, kept energy and error as JSON.")
 @batch_options()
