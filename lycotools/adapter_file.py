@@ -83,11 +83,13 @@ class AdapterFile:
         config = src.config or _diffusers_metadata_config(src.metadata)
         _check_config(config, src)
         af = cls(source=src, groups=groups, peft_config=config)
+        wanted = [k for sufs in groups.modules.values() for k in sufs.values()]
+        pulled = dict(zip(wanted, src.get_many(wanted)))  # read together: one read for many small tensors
         for name, sufs in groups.modules.items():
             mid = groups.ids[name]
             lm = LoadedModule(name=name, id=mid)
             try:
-                tensors = {s: src.get(k) for s, k in sufs.items()}
+                tensors = {s: pulled[k] for s, k in sufs.items()}
                 tensors, extra = _normalise(mid, tensors, config)
                 lm.module = parse_module(name, tensors, extra)
             except BrokenModule as e:

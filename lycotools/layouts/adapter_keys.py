@@ -17,6 +17,7 @@ Conventions read:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 # Canonical LyCORIS suffixes (what the algorithm modules read)
@@ -136,6 +137,15 @@ def _dotted_split(key: str):
     return module, canon, ModuleId(comp, path, False, naming), conv
 
 
+@functools.lru_cache(maxsize=1 << 16)  # the same names recur in every file of a collection
+def _split(key: str):
+    """(module, canonical suffix, ModuleId, convention) of a key, or None when it fits no convention."""
+    split = _flat_split(key) if "." in key else None
+    if split is None:
+        split = _dotted_split(key)
+    return split
+
+
 def group_keys(keys) -> KeyGroups:
     """Group adapter file keys into modules with canonical suffixes."""
     g = KeyGroups()
@@ -144,9 +154,7 @@ def group_keys(keys) -> KeyGroups:
         if key.startswith("bundle_emb."):
             g.embeddings.append(key)
             continue
-        split = _flat_split(key) if "." in key else None
-        if split is None:
-            split = _dotted_split(key)
+        split = _split(key) if len(key) <= 400 else _split.__wrapped__(key)
         if split is None:
             g.leftovers.append(key)
             continue

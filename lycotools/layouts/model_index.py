@@ -66,6 +66,8 @@ class ModelIndex:
     flat: dict[str, dict[str, str]] = field(default_factory=dict)  # comp -> flat name -> module path
     ldm: dict[str, dict[str, str]] = field(default_factory=dict)  # comp -> ldm dotted module path -> module path
     keymap: object = None  # CheckpointKeyMap when known
+    # ModuleId -> Target | None, for the shared, never-changed standard templates only (None: no memo)
+    _memo: dict | None = field(default=None, repr=False, compare=False)
 
     # ---- construction --------------------------------------------------------------------------
     @classmethod
@@ -132,11 +134,23 @@ class ModelIndex:
         return tuple(c for c in order if c in present)
 
     def resolve(self, mid: ModuleId) -> Target | None:
+        memo = self._memo
+        if memo is not None:
+            try:
+                return memo[mid]
+            except KeyError:
+                pass
+        target = None
         for comp in self._components_for(mid):
             path = self._lookup(comp, mid)
             if path is not None:
-                return Target(comp, path, self.modules[comp][path], path in self.biases.get(comp, ()))
-        return None
+                target = Target(comp, path, self.modules[comp][path], path in self.biases.get(comp, ()))
+                break
+        if memo is not None:
+            if len(memo) >= _MEMO_MAX:  # files of ever new names: keep the memory bounded
+                memo.clear()
+            memo[mid] = target
+        return target
 
     def _lookup(self, comp: str, mid: ModuleId) -> str | None:
         te = comp in TEXT_ENCODERS
@@ -177,4 +191,9 @@ class ModelIndex:
 def _template_index(arch: str) -> ModelIndex:
     comp_shapes = ckpt.template_shapes(arch)
     keymap = ckpt.CheckpointKeyMap.for_diffusers(comp_shapes, arch)
-    return ModelIndex.from_component_shapes(arch, comp_shapes, keymap)
+    idx = ModelIndex.from_component_shapes(arch, comp_shapes, keymap)
+    idx._memo = {}  # every adapter of a folder asks the template about the same names
+    return idx
+
+
+_MEMO_MAX = 200_000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from pathlib import Path
@@ -133,18 +134,22 @@ def guess_adapter_arch(af: AdapterFile, *, refuse_other_families: bool = True
     """
     hint = metadata_arch(af.source.metadata)
     best, best_score = None, None
+    parsed = af.parsed
+    hints: list = [_UNSET] * len(parsed)  # each module's ΔW shape, asked once, when first needed
     for arch in ADAPTER_ARCHS:
-        idx = ModelIndex.template(arch)
+        resolve = ModelIndex.template(arch).resolve
         resolved = shape_ok = ndim_ok = 0
-        for lm in af.parsed:
-            t = idx.resolve(lm.id)
+        for i, lm in enumerate(parsed):
+            t = resolve(lm.id)
             if t is None:
                 continue
             resolved += 1
-            h = lm.module.weight_shape_hint()
+            h = hints[i]
+            if h is _UNSET:
+                h = hints[i] = _shape_key(lm.module.weight_shape_hint())
             if h is None:
                 continue
-            if shape_matches(h, t.shape):
+            if _shape_matches(h, t.shape):
                 shape_ok += 1
             if lm.module.algo == "lora" and "lora_mid.weight" not in lm.module.tensors and len(h) == len(t.shape):
                 ndim_ok += 1  # only plain LoRA keeps the layer's ndim (SD1 1x1-conv proj_in vs SD2 Linear)
@@ -157,6 +162,18 @@ def guess_adapter_arch(af: AdapterFile, *, refuse_other_families: bool = True
             raise UnsupportedFamily(af.path, family)
         return hint, None, False
     return best, ModelIndex.template(best), best_score[1] == best_score[0]
+
+
+_UNSET = object()
+
+
+def _shape_key(h):
+    return None if h is None else tuple(int(s) for s in h)
+
+
+@functools.lru_cache(maxsize=4096)  # a few hundred distinct (ΔW, layer) shape pairs across all files
+def _shape_matches(h: tuple, layer_shape: tuple) -> bool:
+    return shape_matches(h, layer_shape)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -267,11 +284,14 @@ def _range(values):
 
 
 def _main_dtype(src) -> str | None:
-    counts: Counter = Counter()
+    per_dtype: dict = {}  # in order of first appearance, as the names are counted below
     for k in src.keys():
         dt = src.dtype(k)
         if dt.is_floating_point:
-            counts[short_dtype(dt)] += src.numel(k)
+            per_dtype[dt] = per_dtype.get(dt, 0) + src.numel(k)
+    counts: Counter = Counter()
+    for dt, n in per_dtype.items():
+        counts[short_dtype(dt)] += n
     return counts.most_common(1)[0][0] if counts else None
 
 
