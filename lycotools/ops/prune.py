@@ -56,8 +56,8 @@ large-norm layers; unpriced scores overpay for wide layers.
 
 from __future__ import annotations
 
-import json
 import contextlib
+import json
 import math
 import os
 import re
@@ -340,10 +340,8 @@ def read_layers(path, opts: PruneOptions, quiet: bool = True):
     layers: list[Layer] = []
     passthrough: dict[str, dict[str, torch.Tensor]] = {}
     dropped: list[str] = []
-    in_params = 0
-    mods = af.modules
     tally = NonFinite(opts.allow_nonfinite)
-    with _Spectra(path, len(mods), quiet) as spectra:
+    with _Spectra(path, quiet) as spectra:
         in_params = _scan_modules(path, af, arch, idx, opts, keep_names, tally, spectra, layers, passthrough, dropped)
     for k in af.groups.embeddings:
         passthrough.setdefault("bundle_emb", {})[k] = af.source.get(k)
@@ -437,7 +435,7 @@ MAX_DENSE = 2  # materialised ΔW (Tucker, full diffs) in memory at once
 
 class _Spectra:
     """Runs the per-module SVDs on a pool of threads, one torch thread each, and hands the results back in
-    submission order (``close``: each ``done(svd)`` in order; the first error in that order is raised, so
+    submission order (on exit: each ``done(svd)`` in order; the first error in that order is raised, so
     errors are those of a sequential run).
 
     Every module's math is a few small QRs, matmuls and SVDs (e.g. a (11520, 32) QR for a 3x3 conv of
@@ -449,9 +447,8 @@ class _Spectra:
     depended on it, up to ~1e-7 relative; now they are those of one thread on every machine.) At most
     ``MAX_DENSE`` materialised ΔW are held at once, so peak memory stays near a sequential run's."""
 
-    def __init__(self, path, total: int, quiet: bool):
+    def __init__(self, path, quiet: bool):
         self.path = path
-        self.total = total
         self.quiet = quiet
         self.pending: list = []  # (done, future or (fn, args))
         self.pool = None
