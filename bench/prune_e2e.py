@@ -14,6 +14,11 @@ choosing ranks, writing.
     python bench/prune_e2e.py                   # all of it
     python bench/prune_e2e.py --no-peer         # skip kohya's method (minutes on 2 cores)
     python bench/prune_e2e.py --profile /tmp/p.prof   # also cProfile one in-process --rank 16 run
+    python bench/prune_e2e.py --compare-with /tmp/old  # also an older tree (/tmp/old/lycotools), alternated
+    python bench/prune_e2e.py --busy 1          # the lycotools runs again with 1 CPU-bound process beside them
+
+``--compare-with`` runs the children with PYTHONPATH=DIR (and a working folder outside the repository),
+so ``git archive OLD_COMMIT lycotools | tar -x -C /tmp/old`` measures that commit in the same run.
 """
 
 from __future__ import annotations
@@ -103,10 +108,10 @@ def peer_resize(src: str, dst: str, new_rank: int):
     save_file(out, dst)
 
 
-def run_child(cmd) -> tuple[float, float, int]:
+def run_child(cmd, env=None, cwd=None) -> tuple[float, float, int]:
     """(wall s, peak RSS MiB, exit status) of one child process."""
     t = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env, cwd=cwd)
     _, status, ru = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t
     p.returncode = os.waitstatus_to_exitcode(status)
@@ -117,7 +122,8 @@ def in_process_breakdown(src: Path, out: Path, profile: str | None):
     """Timers around the phases of one in-process ``--rank 16`` run (imports timed in a fresh child)."""
     code = ("import time; t=time.perf_counter(); import lycotools.cli, lycotools.ops.prune; "
             "print(time.perf_counter()-t)")
-    imp = [float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout) for _ in range(3)]
+    imp = [float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=out.parent).stdout)
+           for _ in range(3)]
     from lycotools.ops import prune as P
 
     opts = P.PruneOptions(rank=16, no_date=True)
@@ -130,7 +136,7 @@ def in_process_breakdown(src: Path, out: Path, profile: str | None):
     res.params_after = sum(l.new_rank * l.cost_per_rank for l in layers)
     P._write(af, src, out, res, passthrough, opts, overwrite=True)
     t3 = time.perf_counter()
-    print(f"in-process --rank 16 ({len(layers)} modules): start-up (imports) {statistics.median(imp):.2f} s, "
+    print(f"in-process --rank 16 ({len(layers)} modules, {Path(P.__file__).parents[1]}): start-up (imports) {statistics.median(imp):.2f} s, "
           f"read + per-module SVD {t1 - t0:.2f} s, choose ranks {t2 - t1:.3f} s, write {t3 - t2:.2f} s")
     if profile:
         import cProfile
@@ -146,10 +152,17 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--profile", default=None)
+    ap.add_argument("--compare-with", default=None, metavar="DIR", help="folder holding an older lycotools/")
+    ap.add_argument("--busy", type=int, default=0, metavar="N",
+                    help="also time the lycotools runs with N busy-looping processes beside them (a shared machine)")
     ap.add_argument("--peer-run", nargs=3, metavar=("IN", "OUT", "RANK"), help=argparse.SUPPRESS)
+    ap.add_argument("--breakdown-only", nargs=2, metavar=("IN", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.peer_run:
         peer_resize(args.peer_run[0], args.peer_run[1], int(args.peer_run[2]))
+        return 0
+    if args.breakdown_only:
+        in_process_breakdown(Path(args.breakdown_only[0]), Path(args.breakdown_only[1]), args.profile)
         return 0
     tmp = None if args.dir else tempfile.TemporaryDirectory()
     folder = Path(args.dir or tmp.name)
@@ -160,25 +173,51 @@ def main():
     print(f"machine: {machine()}")
     print(f"input: {len(mods)} modules ({n_conv3} 3x3 convs), rank 32 fp16 kohya LoCon, "
           f"{src.stat().st_size / 2**20:.1f} MiB")
+    trees = {"this tree": None}
+    if args.compare_with:
+        trees[args.compare_with] = dict(os.environ, PYTHONPATH=str(Path(args.compare_with).resolve()))
     lyco = [sys.executable, "-m", "lycotools", "rank-prune", str(src), "--overwrite", "-q", "--no-date"]
-    runs = {"--rank 16": lyco + ["-o", str(folder / "r16.safetensors"), "--rank", "16"],
-            "--budget 0.5": lyco + ["-o", str(folder / "b05.safetensors"), "--budget", "0.5"]}
-    res = {k: [] for k in runs}
-    for _ in range(args.repeat):  # alternate the variants so load from other processes hits both alike
-        for k, cmd in runs.items():
-            res[k].append(run_child(cmd))
-    for k, rs in res.items():
-        walls = [w for w, _, _ in rs]
-        print(f"lycotools rank-prune {k:13s}: {statistics.median(walls):6.2f} s wall (median of {len(rs)}: "
-              f"{', '.join(f'{w:.2f}' for w in walls)}), peak RSS {max(m for _, m, _ in rs):.0f} MiB, "
-              f"exit {set(c for _, _, c in rs)}")
+    for i in range(len(trees)):  # one folder per tree: same output names, so the bytes can be compared
+        (folder / f"tree{i}").mkdir(exist_ok=True)
+    runs = {(tree, k): (env, lyco + ["-o", str(folder / f"tree{i}" / f"{k.split()[0][2:]}.safetensors"), *k.split()])
+            for i, (tree, env) in enumerate(trees.items()) for k in ("--rank 16", "--budget 0.5")}
+    for busy in sorted({0, args.busy}):
+        hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
+        try:
+            res = {k: [] for k in runs}
+            for _ in range(args.repeat):  # alternate the variants so load from other processes hits all alike
+                for k, (env, cmd) in runs.items():
+                    res[k].append(run_child(cmd, env, cwd=folder))
+        finally:
+            for h in hogs:
+                h.kill()
+                h.wait()
+        if busy:
+            print(f"with {busy} busy-looping process(es) beside each run:")
+        else:
+            res0 = res
+        for (tree, k), rs in res.items():
+            walls = [w for w, _, _ in rs]
+            print(f"lycotools rank-prune {k:13s} ({tree}): {statistics.median(walls):6.2f} s wall (median of "
+                  f"{len(rs)}: {', '.join(f'{w:.2f}' for w in walls)}), peak RSS {max(m for _, m, _ in rs):.0f} MiB, "
+                  f"exit {set(c for _, _, c in rs)}")
+    res = res0
+    if len(trees) > 1:
+        for k in ("--rank 16", "--budget 0.5"):
+            a, b = (folder / f"tree{i}" / f"{k.split()[0][2:]}.safetensors" for i in range(2))
+            print(f"output bytes of {k}, this tree vs {args.compare_with}: "
+                  f"{'identical' if a.read_bytes() == b.read_bytes() else 'DIFFERENT'}")
     if not args.no_peer:
         w, m, c = run_child([sys.executable, str(Path(__file__).resolve()), "--peer-run", str(src),
                              str(folder / "peer_r16.safetensors"), "16"])
-        ours = statistics.median(w_ for w_, _, _ in res["--rank 16"])
+        ours = statistics.median(w_ for w_, _, _ in res[("this tree", "--rank 16")])
         print(f"peer (kohya's resize: dense up@down + full SVD) rank 16: {w:6.2f} s wall, peak RSS {m:.0f} MiB, "
               f"exit {c}; lycotools --rank 16 is {w / ours:.1f}x faster")
-    in_process_breakdown(src, folder / "inproc.safetensors", args.profile)
+    for tree, env in trees.items():
+        prof = args.profile if env is None else None
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--breakdown-only", str(src),
+                        str(folder / "inproc.safetensors"), *(["--profile", prof] if prof else [])],
+                       env=env, cwd=folder, check=True)
     if tmp:
         tmp.cleanup()
     return 0
