@@ -13,6 +13,7 @@ is read until ``get`` is called. Supported:
 from __future__ import annotations
 
 import _compat_pickle
+import functools
 import io
 import json
 import math
@@ -114,9 +115,10 @@ class SafetensorsSource(Source):
         self._fh = None
         self._open_lock = threading.Lock()
         self._offsets: dict[str, tuple[int, int]] = {}
-        for name, e in header.items():
-            self._offsets[name] = tuple(e["data_offsets"])
-            self._index[name] = (lambda n=name: self._tensor(n), tuple(e["shape"]), DTYPE_NAMES[e["dtype"]])  # ints: read_header checked
+        offsets, index, tensor = self._offsets, self._index, self._tensor
+        for name, e in header.items():  # shapes and offsets are lists of ints: read_header checked
+            offsets[name] = tuple(e["data_offsets"])
+            index[name] = (functools.partial(tensor, name), tuple(e["shape"]), DTYPE_NAMES[e["dtype"]])
 
     def _tensor(self, name):
         _, shape, dtype = self._index[name]

@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..adapter_file import AdapterFile
-from ..errors import BadInput
+from ..errors import BadInput, LycoError, _import_error
 from ..io.readers import open_source
 from ..layouts import checkpoint as ckpt
 from ..layouts.embeddings import detect_embedding
@@ -53,6 +53,44 @@ def inspect_path(path) -> dict:
                     report.update(kind="unknown", keys=len(src), sample_keys=src.keys()[:5], family=guess_family(af))
         report["metadata"] = {k: v for k, v in src.metadata.items() if len(v) < 2000}
         return report
+
+
+# ------------------------------------------------------------------------------------------------
+# inspect in worker processes (-j N over many files): the same reports, the same errors
+# ------------------------------------------------------------------------------------------------
+
+
+def inspect_in_worker(path) -> tuple[bool, object]:
+    """``inspect_path`` in a worker process: (True, report), or (False, the failure in picklable parts)
+    for ``raise_from_worker`` to raise again in the parent as the same error (same class, same line)."""
+    try:
+        return True, inspect_path(path)
+    except LycoError as e:
+        return False, ("lyco", type(e), dict(e.__dict__))
+    except MemoryError as e:
+        return False, ("memory", str(e))
+    except Exception as e:  # a bug, or a missing package: what errors.unexpected_line reads of it
+        missing = _import_error(e)
+        return False, ("other", e.__class__.__name__, str(e), None if missing is None else (missing.name, str(missing)))
+
+
+def raise_from_worker(result: tuple[bool, object]) -> dict:
+    """The report of ``inspect_in_worker``, or its failure raised as the error ``inspect_path`` raised."""
+    ok, value = result
+    if ok:
+        return value
+    if value[0] == "lyco":
+        _, cls, state = value
+        e = cls.__new__(cls)
+        e.__dict__.update(state)
+        Exception.__init__(e, e.line())
+        raise e
+    if value[0] == "memory":
+        raise MemoryError(value[1])
+    _, name, text, missing = value
+    if missing is not None:
+        raise ImportError(missing[1], name=missing[0])
+    raise type(name, (Exception,), {})(text)
 
 
 def peft_component_folders(path) -> list[Path]:
@@ -134,25 +172,22 @@ def guess_adapter_arch(af: AdapterFile, *, refuse_other_families: bool = True
     """
     hint = metadata_arch(af.source.metadata)
     best, best_score = None, None
-    parsed = af.parsed
-    hints: list = [_UNSET] * len(parsed)  # each module's ΔW shape, asked once, when first needed
-    for arch in ADAPTER_ARCHS:
-        resolve = ModelIndex.template(arch).resolve
-        resolved = shape_ok = ndim_ok = 0
-        for i, lm in enumerate(parsed):
-            t = resolve(lm.id)
+    counts = [[0, 0, 0] for _ in ADAPTER_ARCHS]  # per arch: resolved, shape_ok, ndim_ok
+    for lm in af.parsed:
+        h = _UNSET  # the module's ΔW shape, asked once, when first needed
+        for c, t in zip(counts, _arch_targets(lm.id)):
             if t is None:
                 continue
-            resolved += 1
-            h = hints[i]
+            c[0] += 1
             if h is _UNSET:
-                h = hints[i] = _shape_key(lm.module.weight_shape_hint())
+                h = _shape_key(lm.module.weight_shape_hint())
             if h is None:
                 continue
             if _shape_matches(h, t.shape):
-                shape_ok += 1
+                c[1] += 1
             if lm.module.algo == "lora" and "lora_mid.weight" not in lm.module.tensors and len(h) == len(t.shape):
-                ndim_ok += 1  # only plain LoRA keeps the layer's ndim (SD1 1x1-conv proj_in vs SD2 Linear)
+                c[2] += 1  # only plain LoRA keeps the layer's ndim (SD1 1x1-conv proj_in vs SD2 Linear)
+    for arch, (resolved, shape_ok, ndim_ok) in zip(ADAPTER_ARCHS, counts):
         score = (resolved, shape_ok, ndim_ok, arch == hint)
         if best_score is None or score > best_score:
             best, best_score = arch, score
@@ -165,6 +200,19 @@ def guess_adapter_arch(af: AdapterFile, *, refuse_other_families: bool = True
 
 
 _UNSET = object()
+_ARCH_TARGETS: dict = {}  # ModuleId -> its Target (or None) in each ADAPTER_ARCHS template
+
+
+def _arch_targets(mid) -> tuple:
+    try:
+        return _ARCH_TARGETS[mid]
+    except KeyError:
+        pass
+    targets = tuple(ModelIndex.template(arch).resolve(mid) for arch in ADAPTER_ARCHS)
+    if len(_ARCH_TARGETS) >= 200_000:  # files of ever new names: keep the memory bounded
+        _ARCH_TARGETS.clear()
+    _ARCH_TARGETS[mid] = targets
+    return targets
 
 
 def _shape_key(h):
