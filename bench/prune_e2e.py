@@ -212,7 +212,7 @@ def main():
                              str(folder / "peer_r16.safetensors"), "16"])
         ours = statistics.median(w_ for w_, _, _ in res[("this tree", "--rank 16")])
         print(f"peer (kohya's resize: dense up@down + full SVD) rank 16: {w:6.2f} s wall, peak RSS {m:.0f} MiB, "
-              f"exit {c}; lycotools --rank 16 is {w / ours:.1f}x faster")
+              f"exit {c}; " + (f"lycotools --rank 16 is {w / ours:.1f}x faster" if c == 0 else "did not finish"))
     for tree, env in trees.items():
         prof = args.profile if env is None else None
         subprocess.run([sys.executable, str(Path(__file__).resolve()), "--breakdown-only", str(src),
