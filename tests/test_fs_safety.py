@@ -240,6 +240,7 @@ def _interrupt(tmp_path, args, point, sig, delay=0.0, ignored=()):
     return proc.returncode, err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
 @pytest.mark.parametrize("to, point", [("peft", "early"), ("peft", "temp"), ("peft", "write"), ("peft", "publish"),
                                        ("diffusers", "temp"), ("diffusers", "write"), ("diffusers", "publish")])

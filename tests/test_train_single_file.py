@@ -135,6 +135,7 @@ SD15_ALGOS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", [*SD15_ALGOS, "ti"])
 def test_sd15_single_file_trains(tmp_path, single_files, photos, algo):
     base = single_files("sd1")
@@ -166,6 +167,7 @@ def test_sd15_tokenizer_is_openai_clip(single_files):
 
 # ---- SD2 ---------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sd2_single_file_trains(tmp_path, single_files, photos):
     """SD2 (OpenCLIP ViT-H text encoder, padded with id 0): UNet and text encoder train from the lone file.
     (Textual inversion's added tokens on that tokenizer: tests/test_tokenizers.py.)"""
