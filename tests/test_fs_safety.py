@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lycotools.cli import main
+from lycotools.errors import BadInput
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "fixtures"
@@ -208,6 +209,7 @@ elif point == "publish":
     os.replace = replace
 
 from lycotools.cli import main
+from lycotools.errors import BadInput
 sys.argv = ["lycotools", *args]
 main()
 """
@@ -506,3 +508,34 @@ def test_outputs_get_the_umask_mode_without_setting_the_umask(tmp_path, monkeypa
     assert out.stat().st_mode & 0o777 == 0o640
     assert (tmp_path / "p").stat().st_mode & 0o777 == 0o750
     assert (tmp_path / "p" / "unet" / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o640
+
+
+def test_reports_are_atomic_and_never_an_input(tmp_path, monkeypatch):
+    """--report files go through the same temp-and-rename as outputs: a failure while writing one leaves
+    neither a half report nor a temp file, and a report path that is an input is refused."""
+    from lycotools.io import writer
+
+    dst = tmp_path / "r.json"
+    dst.write_text("old")
+    real = Path.write_text
+
+    def boom(self, *a, **k):
+        if self.name.endswith(".lycotools-tmp"):
+            real(self, "{half")
+            raise OSError(errno.EIO, "disk error")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", boom)
+    with pytest.raises(OSError):
+        writer.write_text_atomic(dst, '{"a": 1}')
+    monkeypatch.setattr(Path, "write_text", real)
+    assert dst.read_text() == "old" and not leftovers(tmp_path)
+    inp = tmp_path / "in.safetensors"
+    shutil.copy(KOHYA, inp)
+    with pytest.raises(BadInput, match="input"):
+        writer.write_text_atomic(inp, "{}", [inp])
+    assert inp.read_bytes() == KOHYA.read_bytes()
+    out = tmp_path / "o.safetensors"
+    res = cli("rank-prune", KOHYA, "-o", out, "--rank", "2", "--report", tmp_path / "rep.json", "-q")
+    assert res.exit_code == 0, res.stderr
+    assert json.loads((tmp_path / "rep.json").read_text()) and not leftovers(tmp_path)

@@ -445,7 +445,6 @@ def test_models_merge_refuses_nan_then_allows(tmp_path):
 def test_bake_keeps_checkpoint_nan_with_a_warning(tmp_path):
     """A NaN already in the checkpoint is the user's model: written as it was, never a refusal, and never
     silently: one warning counts every such tensor, changed by the adapter or not."""
-    from lycotools.adapter_file import AdapterFile
     from lycotools.io.readers import open_source
     from lycotools.layouts.model_index import ModelIndex
     from lycotools.ops.merge import plan_adapters, BakeOptions

@@ -30,7 +30,7 @@ from typing import Iterator
 import torch
 
 from ..errors import BadInput
-from .paths import DIFFUSERS_COMPONENTS, PICKLE_SUFFIXES, is_model_path  # noqa: F401 (re-exported)
+from .paths import DIFFUSERS_COMPONENTS, PICKLE_SUFFIXES
 from .safetensors_format import DTYPE_NAMES, read_header
 
 _WEIGHT_NAMES = (

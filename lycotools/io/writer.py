@@ -22,7 +22,6 @@ import queue
 import shutil
 import signal
 import struct
-import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -774,6 +773,18 @@ def atomic_file(dst):
         _discard(tmp)
         _raise_if_full(e, dst)
         raise
+
+
+def write_text_atomic(dst, text: str, inputs=()) -> Path:
+    """A small text output (a ``--report``): never an input, never half-written, replaced if it exists."""
+    dst = Path(dst)
+    why = input_clash(dst, inputs)
+    if why:
+        raise BadInput(dst, why)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(dst) as tmp:
+        Path(tmp).write_text(text)
+    return dst
 
 
 def copy_file_atomic(src, dst, **kw):

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from ..errors import BadInput
 from ..io.metadata import lycotools_record, modelspec
-from ..io.writer import SafetensorsWriter, check_output
+from ..io.writer import SafetensorsWriter, check_output, write_text_atomic
 from ..layouts import checkpoint as ckpt
 from ..linalg import layer_seed, relative_error, truncated_svd
 from .convert_checkpoint import DTYPES
@@ -261,7 +261,7 @@ def extract_control_lora(path, output, opts, *, overwrite: bool = False, report_
            "mean_error": sum(l["error"] for l in low) / len(low) if low else 0.0,
            "max_error": max((l["error"] for l in low), default=0.0), "layers": layers}
     if report_path:
-        Path(report_path).write_text(json.dumps(res, indent=2) + "\n")
+        write_text_atomic(report_path, json.dumps(res, indent=2) + "\n")
     if not quiet:
         worst = max(low, key=lambda l: l["error"])["name"] if low else "-"
         click.echo(f"lycotools: wrote {output} (Control-LoRA, {cn.arch}, rank {opts.rank}): {res['lowrank']} low-rank, "

@@ -40,7 +40,7 @@ from ..adapters import lokr as lokr_math
 from ..errors import BadInput
 from ..finite import HINT, NonFinite
 from ..io.metadata import lycotools_record, modelspec, network_metadata
-from ..io.writer import atomic_folder, check_output, check_output_folder, save_tensors
+from ..io.writer import atomic_folder, check_output, check_output_folder, save_tensors, write_text_atomic
 from ..layouts.adapter_keys import kohya_module_name
 from ..linalg import MODES, kept_energy, layer_seed, spectrum_for_mode
 from . import factorize
@@ -351,7 +351,7 @@ def convert_adapter(input_path, output, opts: AdapterOptions, *, overwrite: bool
     tally.warn()
     result.layers = [o.record for o in outs]
     if report_path:
-        Path(report_path).write_text(json.dumps(result.summary(), indent=1, default=str))
+        write_text_atomic(report_path, json.dumps(result.summary(), indent=1, default=str), [input_path])
     return result
 
 

@@ -20,7 +20,7 @@ from .. import validate
 from ..errors import BadInput
 from ..finite import NonFinite
 from ..io.metadata import lycotools_record, modelspec, network_metadata
-from ..io.writer import SafetensorsWriter, check_output
+from ..io.writer import SafetensorsWriter, check_output, write_text_atomic
 from ..layouts.adapter_keys import kohya_module_name
 from ..layouts.model_view import CheckpointView
 from ..linalg import (MODES, LayerSpectrum, allocate_budget, kept_energy, layer_seed, lora_cost, parse_budget,
@@ -380,4 +380,4 @@ def _write_report(path, result: ExtractResult, opts: ExtractOptions):
             for l in result.layers
         ],
     }
-    Path(path).write_text(json.dumps(doc, indent=1))
+    write_text_atomic(path, json.dumps(doc, indent=1))

@@ -80,7 +80,7 @@ from ..errors import BadInput
 from ..finite import NonFinite
 from ..io.metadata import lycotools_record, modelspec, network_metadata
 from ..io.readers import open_source
-from ..io.writer import SafetensorsWriter, check_output
+from ..io.writer import SafetensorsWriter, atomic_file, check_output, write_text_atomic
 from ..layouts.adapter_keys import kohya_module_name
 from ..layouts.model_index import ModelIndex, unflatten_conv_shape
 from ..linalg import SVD, LayerSpectrum, allocate_budget, exact_svd, layer_seed, lora_cost, parse_budget, \
@@ -764,9 +764,7 @@ def report_doc(res: PruneResult, opts: PruneOptions) -> dict:
 
 
 def write_report(path, res: PruneResult, opts: PruneOptions):
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(report_doc(res, opts), indent=1))
+    write_text_atomic(path, json.dumps(report_doc(res, opts), indent=1))
 
 
 def require_matplotlib():
@@ -811,7 +809,8 @@ def plot_ranks(path, res: PruneResult):
     ax.set_ylim(0, max(before + after + [1]) * 1.35)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with atomic_file(path) as tmp:  # the temp name has no image suffix: say the format
+        fig.savefig(tmp, dpi=120, format=Path(path).suffix.lstrip(".").lower() or "png")
     plt.close(fig)
 
 
