@@ -28,12 +28,6 @@ class BadInput(LycoError):
     exit_code = 2
 
 
-class InternalError(LycoError):
-    """The work failed for a reason inside lycotools: exit status 1."""
-
-    exit_code = 1
-
-
 def unexpected_line(e: BaseException, where: str | None = None) -> str:
     """The one line for an exception that is not a ``LycoError``: a missing package, or a bug.
 

@@ -211,16 +211,6 @@ def svd_of_product(up: torch.Tensor, down: torch.Tensor) -> SVD:
     return SVD(U, S.float(), Vh, float(S.square().sum()), True)
 
 
-def split_factors(svd: SVD, r: int, alpha_split: str = "up") -> tuple[torch.Tensor, torch.Tensor]:
-    """LoRA factors (up m×r, down r×n) of the rank-r truncation; ``up`` carries S (LyCORIS/kohya style),
-    or ``"sqrt"`` splits √S between the two."""
-    U, S, Vh = svd.U[:, :r], svd.S[:r], svd.Vh[:r]
-    if alpha_split == "sqrt":
-        rs = S.sqrt()
-        return U * rs, rs[:, None] * Vh
-    return U * S, Vh
-
-
 # ------------------------------------------------------------------------------------------------
 # global budget allocation (shared by extract --budget and rank-prune)
 # ------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lycotools import cli
+from lycotools.commands import inspect as inspect_command
 from lycotools.errors import BadInput
 from lycotools.ops import inspect as insp
 
@@ -25,7 +25,7 @@ def many(tmp_path_factory):
     files = sorted((FIX / "adapters").glob("*.safetensors")) + sorted((FIX / "embeddings").iterdir()) \
         + sorted((FIX / "bad").iterdir())
     i = 0
-    while i < cli._POOL_MIN_FILES + 6:
+    while i < inspect_command._POOL_MIN_FILES + 6:
         for f in files:
             shutil.copy(f, d / f"{i:03d}_{f.name}")
             i += 1

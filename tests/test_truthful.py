@@ -349,7 +349,7 @@ def test_extract_summary_has_no_empty_parentheses_and_names_poor_layers(tmp_path
 def test_extract_summary_of_a_norm_only_part(tmp_path):
     from lycotools.ops.extract import ExtractResult, LayerReport
 
-    from lycotools.cli import _extract_summary
+    from lycotools.commands.extract import _extract_summary
 
     res = ExtractResult(output=tmp_path / "x.safetensors", changed={"unet": 2}, unchanged={"unet": 5},
                         layers=[LayerReport("a", "unet", "a", (4,), "norm", None, 1.0, 0.0, 8),

@@ -196,7 +196,7 @@ class ShardedSource(Source):
 
     kind = "sharded-safetensors"
 
-    def __init__(self, index_path: Path, key_prefix: str = ""):
+    def __init__(self, index_path: Path):
         super().__init__(index_path)
         index = _read_json(index_path, "shard index")
         weight_map = index.get("weight_map")
@@ -216,7 +216,7 @@ class ShardedSource(Source):
             src = self.shards[shard]
             if key not in src:
                 raise BadInput(Path(index_path).parent / shard, f"tensor {key!r} listed in the index is not in this shard")
-            self._index[key_prefix + key] = (lambda s=src, k=key: s.get(k), src.shape(key), src.dtype(key))
+            self._index[key] = (lambda s=src, k=key: s.get(k), src.shape(key), src.dtype(key))
 
     def close(self):
         for s in self.shards.values():

@@ -785,10 +785,3 @@ def write_text_atomic(dst, text: str, inputs=()) -> Path:
     with atomic_file(dst) as tmp:
         Path(tmp).write_text(text)
     return dst
-
-
-def copy_file_atomic(src, dst, **kw):
-    dst = check_output(dst, **kw)
-    with atomic_file(dst) as tmp:
-        shutil.copyfile(src, tmp)
-    return dst
