@@ -176,7 +176,9 @@ def run_items(items: list, fn: Callable, *, desc: str, jobs: int = 1, debug: boo
     bar = tqdm(total=len(items), desc=desc, unit="file", file=sys.stderr, disable=quiet or len(items) < 2, leave=False)
     results: list[ItemResult] = []
     if jobs > 1 and len(items) > 1:
-        ex = ThreadPoolExecutor(jobs)
+        from .io.threads import signals_to_main_thread
+
+        ex = ThreadPoolExecutor(jobs, initializer=signals_to_main_thread)
         try:
             for r in ex.map(one, items):
                 results.append(r)

@@ -31,6 +31,7 @@ import torch
 
 from ..errors import BadInput
 from .paths import DIFFUSERS_COMPONENTS, PICKLE_SUFFIXES
+from .threads import signals_to_main_thread
 from .safetensors_format import DTYPE_NAMES, read_header
 
 _WEIGHT_NAMES = (
@@ -681,6 +682,7 @@ def prefetch(keys, get, depth: int = 2):
     done = object()
 
     def work():
+        signals_to_main_thread()
         try:
             for k in keys:
                 if stop.is_set():

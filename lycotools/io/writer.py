@@ -30,6 +30,7 @@ import torch
 
 from ..errors import BadInput, LycoError
 from .safetensors_format import dtype_name, header_bytes, serial_order
+from .threads import signals_to_main_thread
 
 HASH_PLACEHOLDER = "0" * 64  # bare lowercase hex, as kohya writes it (sha256 hexdigest)
 LEGACY_PLACEHOLDER = "0" * 8
@@ -541,6 +542,7 @@ class SafetensorsWriter:
         self._feed_hash(data, pos)
 
     def _drain(self, q: queue.Queue, step):
+        signals_to_main_thread()
         while True:
             item = q.get()
             if item is None:

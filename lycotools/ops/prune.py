@@ -433,6 +433,14 @@ MAX_WORKERS = 8
 MAX_DENSE = 2  # materialised ΔW (Tucker, full diffs) in memory at once
 
 
+def _worker_init():
+    """A pool worker: single-threaded torch, and signals left to the main thread."""
+    from ..io.threads import signals_to_main_thread
+
+    signals_to_main_thread()
+    torch.set_num_threads(1)
+
+
 class _Spectra:
     """Runs the per-module SVDs on a pool of threads, one torch thread each, and hands the results back in
     submission order (on exit: each ``done(svd)`` in order; the first error in that order is raised, so
@@ -461,8 +469,7 @@ class _Spectra:
         if workers > 1:
             # each worker sets its own OpenMP/MKL thread count: LAPACK calls from a new thread would
             # otherwise use the default (every core), whatever the process-wide setting says
-            self.pool = ThreadPoolExecutor(workers, thread_name_prefix="lycotools-svd",
-                                           initializer=torch.set_num_threads, initargs=(1,))
+            self.pool = ThreadPoolExecutor(workers, thread_name_prefix="lycotools-svd", initializer=_worker_init)
         return self
 
     def add(self, done, fn, *args):
