@@ -377,7 +377,7 @@ def _scan_modules(path, af, arch, idx, opts, keep_names, tally, spectra, layers,
             if out_name is None or shape is None:
                 dropped.append(lm.name)
                 continue
-            if not (all_finite(mod.tensors) or tally.check_all(path, lm.name, mod.tensors)):
+            if not tally.check_all(path, lm.name, mod.tensors):
                 # --allow-nonfinite: copied unpruned
                 if not keep_names:
                     raise BadInput(path, f"{lm.name} holds NaN or infinite values and cannot be copied unpruned "
@@ -395,24 +395,6 @@ def _scan_modules(path, af, arch, idx, opts, keep_names, tally, spectra, layers,
         else:
             dropped.append(lm.name)
     return in_params
-
-
-_SUMMABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def all_finite(tensors: dict) -> bool:
-    """A fast sufficient test that no tensor holds NaN or Inf: every tensor's sum is finite (a NaN or an
-    Inf makes the sum NaN or infinite). False proves nothing (a sum of large finite values can overflow,
-    fp8 is not summed): callers then run ``NonFinite``'s exact per-tensor check, which names the tensor.
-    One vectorised reduction instead of ``isfinite`` + ``all``: ~25x faster on fp16 factors."""
-    for t in tensors.values():
-        if not t.is_floating_point():
-            continue
-        if t.dtype not in _SUMMABLE:
-            return False
-        if not math.isfinite(float(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
-            return False
-    return True
 
 
 def _module_svd(path, name: str, mod, shape: tuple, out_name: str, seed: int, dense) -> SVD:
@@ -705,8 +687,7 @@ def _write(af, path, output, res: PruneResult, passthrough, opts: PruneOptions, 
                 continue
             up, down = (t.to(dtype).contiguous() for t in l.factors(alpha=alpha))
             factors = {"lora_up.weight": up, "lora_down.weight": down}
-            if not all_finite(factors):
-                NonFinite(hint="a wider --dtype (fp32, bf16) holds it").check_all(path, l.name, factors)
+            NonFinite(hint="a wider --dtype (fp32, bf16) holds it").check_all(path, l.name, factors)
             w.add(f"{l.name}.lora_up.weight", up)
             w.add(f"{l.name}.lora_down.weight", down)
             w.add(f"{l.name}.alpha", torch.tensor(alpha, dtype=torch.float32))
