@@ -57,6 +57,18 @@ class NonFinite:
         self.found.append((None if path is None else str(path), where))
         return False
 
+    def check_made(self, path, where, key: str, before: torch.Tensor, after: torch.Tensor) -> None:
+        """``after`` is what lycotools made of the input tensor ``before`` (an adapter added, a cast).
+        NaN/Inf ``before`` already held are the input's: counted under ``key`` for one warning. New ones
+        are lycotools' doing: ``check`` (refused unless ``allow``). ``where`` may be a callable, built
+        only when it is needed."""
+        if is_finite(after):
+            return
+        if not is_finite(before):
+            self.inherited.append(key)
+        else:
+            self.check(path, where() if callable(where) else where, after)
+
     def check_all(self, path, module: str, tensors: dict) -> bool:
         """``check`` for each tensor of a module (``module.suffix`` named in the message); True if all finite."""
         ok = True

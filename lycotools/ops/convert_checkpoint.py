@@ -30,7 +30,7 @@ from tqdm import tqdm
 from ..alloc import streaming_threads
 from ..devices import CHECKPOINT_DTYPES as DTYPES, cast_to
 from ..errors import BadInput
-from ..finite import NonFinite, is_finite
+from ..finite import NonFinite
 from ..io.metadata import lycotools_record, modelspec
 from ..io.readers import prefetch
 from ..io.writer import SafetensorsWriter, atomic_folder, check_output, check_output_folder
@@ -94,11 +94,7 @@ def _cast_checked(t, name: str, opts, tally: NonFinite, path):
     one warning); an overflow the cast itself makes (fp32 beyond fp16's range) is refused unless
     --allow-nonfinite."""
     out = cast_to_option(t, opts)
-    if not is_finite(out):
-        if is_finite(t):
-            tally.check(path, f"tensor {name} overflows --dtype {opts.dtype}", out)
-        else:
-            tally.inherited.append(name)
+    tally.check_made(path, f"tensor {name} overflows --dtype {opts.dtype}", name, t, out)
     return out
 
 

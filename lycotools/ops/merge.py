@@ -369,12 +369,8 @@ def _convert(raw, key, weights_edits, bias_edits, out_dtype, dev, tally: NonFini
     edits = weights_edits.get(key) or bias_edits.get(key)
     if edits:
         t = cast_to(apply_edits(raw, edits, dev, bias=key not in weights_edits), target)
-        if not is_finite(t):
-            if not is_finite(raw):
-                tally.inherited.append(key)
-            else:
-                mods = ", ".join(m.name for e in edits for m, _ in e.mods)
-                tally.check(None, f"{key} (with {mods})", t)
+        mods = lambda: ", ".join(m.name for e in edits for m, _ in e.mods)  # noqa: E731 (only on a failure)
+        tally.check_made(None, lambda: f"{key} (with {mods()})", key, raw, t)
         return t, True
     if not is_finite(raw):
         tally.inherited.append(key)
